@@ -1,0 +1,18 @@
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace edkm::cli {
+
+// Each command file defines a register_* function that adds its subcommand and the callback
+// run once parsing succeeded.
+using Runner = std::function<void()>;
+void add_runner(CLI::App* sub, Runner run);
+void register_commands(CLI::App& app);
+void run_selected(CLI::App& app);
+
+void register_bench(CLI::App& app);
+
+}  // namespace edkm::cli

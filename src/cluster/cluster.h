@@ -1,0 +1,150 @@
+// cluster: differentiable k-means (DKM) weight clustering and its post-training baselines.
+//
+// A weight tensor of shape [rows, ...] is read as a matrix [rows, cols] (rows = output
+// channels). Its rows are split into groups of `group_size` rows (one group when 0), each with
+// its own palette of k = 2^bits centroids; with cluster_dim d > 1 the centroids are vectors of
+// d consecutive weights along the input dimension. Palettes are tensors [G, k, d].
+//
+// One DKM call (Cho et al., "DKM: Differentiable k-Means Clustering Layer for Neural Network
+// Compression", ICLR 2022; semantics of Apple's coremltools DKM palettizer, see
+// ../shared/design/unique-space-dkm.md) runs, per group, from the previous palette C^0:
+//
+//     D_ij = |x_i - c_j|^2  (- prune_threshold for j = 0)
+//     A_ij = max(softmax_j(-D_ij / tau), zero_threshold)
+//     c_j' = sum_i A_ij x_i / sum_i A_ij
+//
+// until the inertia sum_i min_j D_ij changes by at most eps or max_iters updates were made, and
+// emits x~_i = sum_j A_ij c_j with the last attention map and the last palette. x is the weight
+// divided by the per-row scale (if any) and rounded to the cluster dtype; the rounding has a
+// straight-through gradient and the palette is a function of the weight (never a parameter).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace edkm {
+
+// The dtype weights are rounded to before clustering. 16-bit dtypes give at most 65,536
+// distinct values per group, which the unique-value method exploits.
+enum class ClusterDType { kFloat32, kBFloat16, kFloat16, kNative /* the weight's own dtype */ };
+
+enum class PaletteInit {
+  kKMeansPP,  // weighted k-means++ seeding, then Lloyd iterations
+  kQuantile,  // centroids at the weighted quantiles (j + 1/2) / k, then Lloyd iterations
+  kGiven,     // the palette passed to init_palette, used as it is
+};
+
+enum class DKMMethod {
+  kDense,   // autograd through plain ATen ops on N x k tensors: the paper's formulation; the reference
+  kUnique,  // hand-written forward/backward over the distinct values of the weight
+  kAuto,    // unique for 16-bit scalar clustering; otherwise the same hand-written op over all
+            // N values, in chunks, so memory stays bounded
+};
+
+struct DKMConfig {
+  // Bits per weight index: k = 2^bits centroids. coremltools' default for linear layers.
+  int bits = 4;
+  // 1 = scalar palettes; d > 1 = vectors of d consecutive weights along the input dimension
+  // (coremltools groups output channels instead; ours keeps a vector contiguous in memory).
+  int cluster_dim = 1;
+  // Softmax temperature, in squared weight units (scale-free only with per_row_scale).
+  // coremltools' palett_tau.
+  double tau = 1e-4;
+  // At most this many centroid updates per call (coremltools' kmeans_max_iter).
+  int max_iters = 3;
+  // Early stop when |inertia_t - inertia_{t-1}| <= eps (coremltools' palett_epsilon).
+  double eps = 1e-4;
+  // 0: one palette per tensor; g > 0: one palette per g consecutive output rows.
+  int64_t group_size = 0;
+  // Divide each row by s_r = (max_r - min_r) / 2 (frozen at init; coremltools' "min_max").
+  bool per_row_scale = false;
+  // Rounding before clustering. coremltools clusters in fp32; we default to bf16 so that the
+  // unique-value method applies, as eDKM does for LLMs.
+  ClusterDType cluster_dtype = ClusterDType::kBFloat16;
+  PaletteInit init = PaletteInit::kKMeansPP;
+  uint64_t seed = 0;
+  DKMMethod method = DKMMethod::kAuto;
+  // Attention floor (coremltools' zero_threshold) and the bias subtracted from centroid 0's
+  // distance (prune_threshold).
+  double zero_threshold = 1e-7;
+  double prune_threshold = 1e-7;
+  // Lloyd iterations of the initial k-means.
+  int kmeans_max_iters = 100;
+
+  int64_t k() const { return int64_t(1) << bits; }
+  // Throws std::invalid_argument naming the bad field.
+  void validate() const;
+};
+
+std::string to_string(ClusterDType t);
+std::string to_string(PaletteInit t);
+std::string to_string(DKMMethod m);
+ClusterDType parse_cluster_dtype(const std::string& s);  // fp32 | bf16 | fp16 | native
+PaletteInit parse_palette_init(const std::string& s);    // kmeans++ | quantile | given
+DKMMethod parse_dkm_method(const std::string& s);        // dense | unique | auto
+
+// Per-row scale s_r = (max_r - min_r) / 2 over each output row ([rows], fp32); rows that are
+// constant get 1 so that dividing by s is always defined.
+at::Tensor row_scales(const at::Tensor& weight);
+
+// The first palette [G, k, d] (fp32): weighted k-means over the distinct values of each group
+// of the prepared weight, seeded as cfg.init says. For kGiven, `given` ([k, d], [G, k, d] or
+// [k] for scalars) is validated and broadcast to every group. When a group has fewer distinct
+// values than k, the palette holds each value once and repeats the largest.
+at::Tensor init_palette(const at::Tensor& weight, const DKMConfig& cfg,
+                        const at::Tensor& scale = {}, const at::Tensor& given = {});
+
+struct DKMResult {
+  at::Tensor weight;            // soft-clustered weight: shape, dtype, device of the input
+  at::Tensor palette;           // [G, k, d] after the updates, detached (carry it to the next step)
+  std::vector<int> iterations;  // updates made per group
+  DKMMethod method;             // the method that ran (kAuto resolved)
+};
+
+// One DKM layer application, differentiable w.r.t. `weight`. `palette` is the previous step's
+// palette (it receives no gradient); `scale` is row_scales() of the pretrained weight when
+// cfg.per_row_scale is on. Throws std::invalid_argument for an empty weight, NaN/Inf values,
+// values that overflow the cluster dtype, or shapes that do not fit the config.
+DKMResult dkm(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
+              const at::Tensor& scale = {});
+
+// Hard assignment: the nearest centroid of each (scaled, rounded) weight or vector.
+struct Palettized {
+  at::Tensor indices;           // uint8 [rows, cols / d]
+  at::Tensor palette;           // [G, k, d] fp32
+  at::Tensor scale;             // [rows] fp32, or undefined without per-row scale
+  std::vector<int64_t> shape;   // the original weight's shape
+  int bits = 0;
+  int cluster_dim = 1;
+  int64_t group_size = 0;
+};
+
+Palettized palettize(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
+                     const at::Tensor& scale = {});
+// W = C_g[index] * s, in the requested dtype, on the device of the indices.
+at::Tensor depalettize(const Palettized& p, at::ScalarType dtype = at::kFloat);
+
+// Weighted Lloyd k-means of points `values` [U, d] with multiplicities `counts` [U] (the
+// distinct values of a weight and how often each occurs). Returns [k, d] centroids, sorted
+// ascending for d = 1. Deterministic for a given seed.
+at::Tensor weighted_kmeans(const at::Tensor& values, const at::Tensor& counts, int64_t k,
+                           PaletteInit init, uint64_t seed, int max_iters);
+
+// Round-to-nearest uniform quantization, the usual post-training baseline, with GPTQ's
+// quantizer conventions: the range always contains 0; asymmetric uses
+// scale = (max - min) / (2^b - 1) and zero = round(-min / scale); symmetric uses
+// max = max(|min|, max), min = -max and zero = 2^(b-1).
+struct RTNConfig {
+  int bits = 4;
+  // 0: one scale per tensor; g > 0: one scale (and zero point) per g consecutive weights of a
+  // row, along the input dimension (the GPTQ / llama.cpp convention).
+  int64_t group_size = 0;
+  bool symmetric = false;
+};
+// Returns the quantize-dequantize weight (same shape and dtype).
+at::Tensor rtn_quantize(const at::Tensor& weight, const RTNConfig& cfg);
+
+}  // namespace edkm

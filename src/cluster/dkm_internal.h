@@ -1,0 +1,16 @@
+// Internal to cluster/: the DKM methods behind dkm().
+#pragma once
+
+#include "cluster/layout.h"
+
+namespace edkm::detail {
+
+// Arguments are checked by dkm(); palette is in the compute dtype and already repaired.
+DKMResult dkm_dense(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
+                    const at::Tensor& scale, const GroupLayout& layout);
+
+enum class IndexKind { kPattern, kSorted, kIdentity };
+DKMResult dkm_indexed(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
+                      const at::Tensor& scale, const GroupLayout& layout, IndexKind kind);
+
+}  // namespace edkm::detail

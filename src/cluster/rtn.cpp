@@ -1,0 +1,44 @@
+// Round-to-nearest uniform quantization (the post-training baseline), following the quantizer
+// of GPTQ (Frantar et al. 2022, quant.py): the range [min, max] is widened to contain 0, an
+// all-zero group gets [-1, 1], and q = clamp(round(w / scale) + zero, 0, 2^b - 1).
+#include <ATen/ATen.h>
+
+#include "cluster/cluster.h"
+#include "cluster/layout.h"
+#include "common/error.h"
+
+namespace edkm {
+
+at::Tensor rtn_quantize(const at::Tensor& weight, const RTNConfig& cfg) {
+  if (cfg.bits < 1 || cfg.bits > 8) throw_invalid("RTN bits must be in 1..8, got {}", cfg.bits);
+  if (cfg.group_size < 0) throw_invalid("RTN group_size must be >= 0, got {}", cfg.group_size);
+  if (!weight.defined() || weight.numel() == 0) throw_invalid("RTN: empty weight");
+  detail::check_finite(weight, "weight");
+  at::NoGradGuard no_grad;
+  const int64_t rows = weight.dim() == 1 ? 1 : weight.size(0);
+  const int64_t cols = weight.numel() / rows;
+  at::Tensor w = weight.detach().to(at::kFloat);
+  if (cfg.group_size == 0) {
+    w = w.reshape({1, -1});
+  } else {
+    if (cols % cfg.group_size != 0)
+      throw_invalid("RTN group_size {} does not divide the {} input columns", cfg.group_size, cols);
+    w = w.reshape({-1, cfg.group_size});
+  }
+  const double maxq = double((1 << cfg.bits) - 1);
+  at::Tensor lo = at::clamp_max(std::get<0>(w.min(1, true)), 0);
+  at::Tensor hi = at::clamp_min(std::get<0>(w.max(1, true)), 0);
+  if (cfg.symmetric) {
+    hi = at::maximum(lo.abs(), hi);
+    lo = at::where(lo < 0, -hi, lo);
+  }
+  at::Tensor both_zero = (lo == 0) & (hi == 0);
+  lo = at::where(both_zero, at::full_like(lo, -1), lo);
+  hi = at::where(both_zero, at::full_like(hi, 1), hi);
+  at::Tensor scale = (hi - lo) / maxq;
+  at::Tensor zero = cfg.symmetric ? at::full_like(scale, (maxq + 1) / 2) : at::round(-lo / scale);
+  at::Tensor q = at::clamp(at::round(w / scale) + zero, 0, maxq);
+  return (scale * (q - zero)).to(weight.scalar_type()).view(weight.sizes());
+}
+
+}  // namespace edkm

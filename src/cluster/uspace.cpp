@@ -1,0 +1,198 @@
+// DKM iterations in unique-value space, forward and backward spelled out.
+//
+// Notation (one group; all groups run batched): distinct values v_u with multiplicities n_u,
+// palettes C^t (k x d), t = 0 .. T. Iteration t:
+//
+//     D^t_uj = |v_u - C^t_j|^2 - b [j = 0]          b = prune_threshold
+//     P^t    = softmax_j(-D^t / tau)
+//     A^t    = max(P^t, z)                          z = zero_threshold
+//     S^t_j  = sum_u n_u A^t_uj ,   M^t_j = sum_u n_u A^t_uj v_u ,   C^{t+1}_j = M^t_j / S^t_j
+//
+// and the emitted value (coremltools emits with the last attention map and the last palette):
+//
+//     out_u = sum_j A^{T-1}_uj C^T_j .
+//
+// Every weight i of value u receives out_u. Given G_i = dL/d out_{u(i)}, its gradient has two
+// parts: the direct path (palettes fixed), J_u^T G_i with J_u = d out_u / d v_u, which differs
+// per weight through G_i; and the palette path h_u, the same for every weight of value u
+// because each such weight enters S and M identically. Backward therefore needs only
+// g_u = sum_{i: u(i)=u} G_i and per-value tables J_u, h_u.
+//
+// Building blocks (derived once, used for the emit and for every iteration):
+//   softmax + clamp: given dL/dA, dL/dP = dL/dA [P >= z] (clamp passes gradient where it did
+//     not clip) and dL/dZ = P (dL/dP - sum_l P_l dL/dP_l) with Z = -D / tau, so
+//     dL/dD = -dL/dZ / tau.
+//   distances: dD_uj/dv_u = 2 (v_u - C_j), dD_uj/dC_j = -2 (v_u - C_j).
+//   direct Jacobian: dP_j/dv = (2 / tau) P_j (C_j - pbar), pbar = sum_l P_l C_l, hence
+//     J_u^T = sum_j w_uj (C^{T-1}_j - pbar_u) (C^T_j)^T,   w_uj = (2 / tau) [P_uj >= z] P_uj.
+//   update: C' = M / S gives, per weight of value u (A held fixed),
+//     dL/dA_uj = dL/dC'_j . (v_u - C'_j) / S_j = gM_j . v_u + gS_j,
+//       gM_j = dL/dC'_j / S_j,  gS_j = -(dL/dC'_j . C'_j) / S_j,
+//     and through M's factor v_u: sum_j A_uj gM_j.
+//   The palette gradient sums the per-weight terms over all weights: n_u times the per-value
+//   term, except for the emit, whose g_u already is that sum.
+#include "cluster/uspace.h"
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace edkm::detail {
+namespace {
+
+struct Attention {
+  at::Tensor P;  // [G, Uc, k] softmax
+  at::Tensor A;  // [G, Uc, k] clamped
+  at::Tensor diff;  // [G, Uc, k, d]: v_u - C_j
+};
+
+// v [G, Uc, d], C [G, k, d]. Dmin (optional) receives min_j D_uj for the inertia.
+Attention attention(const at::Tensor& v, const at::Tensor& C, const SoftKMeans& p,
+                    at::Tensor* dmin = nullptr) {
+  Attention a;
+  a.diff = v.unsqueeze(2) - C.unsqueeze(1);
+  at::Tensor D = a.diff.pow(2).sum(-1);
+  if (p.prune_threshold > 0) D.select(-1, 0).sub_(p.prune_threshold);
+  if (dmin) *dmin = std::get<0>(D.min(-1));
+  a.P = at::softmax(D.neg().div(p.tau), -1);
+  a.A = a.P.clamp_min(p.zero_threshold);
+  return a;
+}
+
+// dL/dD from dL/dA through the clamp and the softmax.
+at::Tensor softmax_clamp_backward(const Attention& a, const at::Tensor& gA, const SoftKMeans& p) {
+  at::Tensor gP = gA * (a.P >= p.zero_threshold);
+  at::Tensor gZ = a.P * (gP - (a.P * gP).sum(-1, true));
+  return gZ.div(-p.tau);
+}
+
+// sum_u gD_uj dD_uj/dC_j = -2 sum_u gD_uj (v_u - C_j)                  -> [G, k, d]
+at::Tensor dist_grad_palette(const at::Tensor& gD, const Attention& a) {
+  return (gD.unsqueeze(-1) * a.diff).sum(1).mul(-2);
+}
+
+// sum_j gD_uj dD_uj/dv_u = 2 sum_j gD_uj (v_u - C_j)                  -> [G, Uc, d]
+at::Tensor dist_grad_value(const at::Tensor& gD, const Attention& a) {
+  return (gD.unsqueeze(-1) * a.diff).sum(2).mul(2);
+}
+
+// Calls f(u0, len) over chunks of the U axis small enough that [G, Uc, k, d] stays ~8 MB.
+template <typename F>
+void for_chunks(const at::Tensor& v, int64_t k, F&& f) {
+  const int64_t G = v.size(0), U = v.size(1), d = v.size(2);
+  const int64_t step = std::max<int64_t>(1, (int64_t(1) << 21) / (G * k * d));
+  for (int64_t u0 = 0; u0 < U; u0 += step) f(u0, std::min(step, U - u0));
+}
+
+at::Tensor narrow_counts(const at::Tensor& n, int64_t u0, int64_t len) {
+  return n.defined() ? n.narrow(1, u0, len) : at::Tensor();
+}
+
+// Per-group palettes at the group's own iteration count: C^{T_g + offset}.
+at::Tensor palette_at(const UniqueSpaceState& s, int64_t offset) {
+  at::Tensor t = s.iters + offset;
+  at::Tensor g = at::arange(s.iters.size(0), s.iters.options());
+  return s.palettes.index({t, g});
+}
+
+}  // namespace
+
+UniqueSpaceState uspace_forward(const at::Tensor& v, const at::Tensor& n, const at::Tensor& c0,
+                                const SoftKMeans& p, at::Tensor* out) {
+  const int64_t G = v.size(0), k = c0.size(1), d = v.size(2);
+  const auto opts = v.options();
+  std::vector<at::Tensor> palettes{c0}, sums;
+  at::Tensor C = c0;
+  at::Tensor active = at::ones({G}, opts.dtype(at::kBool));
+  at::Tensor iters = at::zeros({G}, opts.dtype(at::kLong));
+  at::Tensor last_inertia = at::zeros({G}, opts.dtype(at::kDouble));
+
+  for (int t = 0; t < p.max_iters; ++t) {
+    at::Tensor S = at::zeros({G, k}, opts), M = at::zeros({G, k, d}, opts);
+    // Inertia in fp64 so that the early-stop decision does not depend on summation order.
+    at::Tensor inertia = at::zeros({G}, opts.dtype(at::kDouble));
+    for_chunks(v, k, [&](int64_t u0, int64_t len) {
+      at::Tensor vc = v.narrow(1, u0, len), nc = narrow_counts(n, u0, len);
+      at::Tensor dmin;
+      Attention a = attention(vc, C, p, &dmin);
+      at::Tensor An = nc.defined() ? a.A * nc.unsqueeze(-1) : a.A;
+      S += An.sum(1);
+      M += at::bmm(An.transpose(1, 2), vc);
+      at::Tensor dm = dmin.to(at::kDouble);
+      inertia += (nc.defined() ? dm * nc.to(at::kDouble) : dm).sum(1);
+    });
+    C = at::where(active.view({G, 1, 1}), M / S.unsqueeze(-1), C);
+    palettes.push_back(C);
+    sums.push_back(S);
+    iters += active.to(at::kLong);
+    if (t > 0) active = active & ((inertia - last_inertia).abs() > p.eps);
+    last_inertia = inertia;
+    if (!active.any().item<bool>()) break;
+  }
+
+  UniqueSpaceState state{at::stack(palettes), at::stack(sums), iters};
+  at::Tensor c_prev = palette_at(state, -1), c_fin = palette_at(state, 0);
+  *out = at::empty_like(v);
+  for_chunks(v, k, [&](int64_t u0, int64_t len) {
+    Attention a = attention(v.narrow(1, u0, len), c_prev, p);
+    out->narrow(1, u0, len).copy_(at::bmm(a.A, c_fin));
+  });
+  return state;
+}
+
+UniqueSpaceGrad uspace_backward(const at::Tensor& v, const at::Tensor& n,
+                                const UniqueSpaceState& state, const at::Tensor& g,
+                                const SoftKMeans& p) {
+  const int64_t G = v.size(0), U = v.size(1), d = v.size(2);
+  const int64_t k = state.palettes.size(2);
+  const int64_t T = state.sums.size(0);
+  const auto opts = v.options();
+  at::Tensor c_prev = palette_at(state, -1), c_fin = palette_at(state, 0);
+
+  // (1) The emit out_u = sum_j A_uj(v_u, C^{T-1}) C^T_j: palette gradients from the aggregated
+  // g_u, and the per-value direct Jacobian.
+  at::Tensor g_fin = at::zeros({G, k, d}, opts);   // dL/dC^T through the emit
+  at::Tensor g_prev = at::zeros({G, k, d}, opts);  // dL/dC^{T-1} through the emit's attention
+  UniqueSpaceGrad out{at::empty({G, U, d, d}, opts), at::zeros({G, U, d}, opts)};
+  for_chunks(v, k, [&](int64_t u0, int64_t len) {
+    at::Tensor gc = g.narrow(1, u0, len);
+    Attention a = attention(v.narrow(1, u0, len), c_prev, p);
+    g_fin += at::bmm(a.A.transpose(1, 2), gc);
+    at::Tensor gD = softmax_clamp_backward(a, at::bmm(gc, c_fin.transpose(1, 2)), p);
+    g_prev += dist_grad_palette(gD, a);
+    // J_u^T = sum_j w_uj (C^{T-1}_j - pbar_u) (C^T_j)^T
+    at::Tensor w = a.P * (a.P >= p.zero_threshold) * (2.0 / p.tau);  // [G, Uc, k]
+    at::Tensor pbar = at::bmm(a.P, c_prev);                            // [G, Uc, d]
+    at::Tensor wc = w.unsqueeze(-1) * c_fin.unsqueeze(1);              // [G, Uc, k, d]
+    at::Tensor jt = at::einsum("gka,gukb->guab", {c_prev, wc}) -
+                    pbar.unsqueeze(-1) * wc.sum(2).unsqueeze(2);
+    out.jac.narrow(1, u0, len).copy_(jt);
+  });
+
+  // (2) Back through the updates, t = T-1 .. 0. g_next is dL/dC^{t+1}; a group that stopped
+  // before t kept its palette, so its gradient passes through unchanged.
+  at::Tensor g_next = g_fin;
+  for (int64_t t = T - 1; t >= 0; --t) {
+    at::Tensor active = state.iters > t;                 // [G]
+    at::Tensor emit_here = state.iters == t + 1;         // groups whose emit used A^t
+    at::Tensor C = state.palettes[t], C_next = state.palettes[t + 1], S = state.sums[t];
+    at::Tensor gM = g_next / S.unsqueeze(-1);                  // [G, k, d]
+    at::Tensor gS = -(g_next * C_next).sum(-1) / S;            // [G, k]
+    at::Tensor g_cur = at::zeros({G, k, d}, opts);
+    at::Tensor keep = active.view({G, 1, 1});
+    for_chunks(v, k, [&](int64_t u0, int64_t len) {
+      at::Tensor vc = v.narrow(1, u0, len), nc = narrow_counts(n, u0, len);
+      Attention a = attention(vc, C, p);
+      at::Tensor gA = at::bmm(vc, gM.transpose(1, 2)) + gS.unsqueeze(1);  // per weight
+      at::Tensor gD = softmax_clamp_backward(a, gA, p);
+      at::Tensor h = at::bmm(a.A, gM) + dist_grad_value(gD, a);
+      out.h.narrow(1, u0, len).add_(at::where(keep, h, at::zeros({}, opts)));
+      g_cur += dist_grad_palette(nc.defined() ? gD * nc.unsqueeze(-1) : gD, a);
+    });
+    g_cur += at::where(emit_here.view({G, 1, 1}), g_prev, at::zeros({}, opts));
+    g_next = at::where(keep, g_cur, g_next);
+  }
+  return out;
+}
+
+}  // namespace edkm::detail

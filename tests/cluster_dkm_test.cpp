@@ -1,0 +1,317 @@
+// DKM: the unique-value method against the dense autograd reference, finite differences, and
+// the edge cases.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <fstream>
+
+#include "cluster/cluster.h"
+#include "test_util.h"
+
+namespace edkm {
+namespace {
+
+using test::rel_err;
+
+struct Grads {
+  at::Tensor out, palette, grad;
+  std::vector<int> iters;
+};
+
+// Forward and backward of sum(w~ * R) for a fixed random R.
+Grads run(const at::Tensor& w0, const at::Tensor& palette, const DKMConfig& cfg,
+          const at::Tensor& scale, const at::Tensor& R) {
+  at::Tensor w = w0.detach().clone().requires_grad_(true);
+  DKMResult r = dkm(w, palette, cfg, scale);
+  (r.weight.to(at::kDouble) * R).sum().backward();
+  return {r.weight.detach(), r.palette, w.grad(), r.iterations};
+}
+
+// The reference is the dense method (autograd through plain ATen ops) run in fp64 on the same
+// prepared values: with tau = 1e-4 on raw weights a few weights near the midpoints between
+// centroids dominate the gradient, and any fp32 computation of it (dense included) is only
+// good to ~1e-3 there.
+void expect_methods_agree(const at::Tensor& w, const DKMConfig& base, const std::string& what,
+                          double tol = 1e-4) {
+  at::Tensor scale = base.per_row_scale ? row_scales(w) : at::Tensor();
+  at::Tensor palette = init_palette(w, base, scale);
+  at::Tensor R = at::randn(w.sizes(), at::kDouble);
+  DKMConfig dense = base;
+  dense.method = DKMMethod::kDense;
+  // fp64 rounds to fp32 where fp32 weights are not rounded at all.
+  if (dense.cluster_dtype == ClusterDType::kNative && w.scalar_type() == at::kFloat)
+    dense.cluster_dtype = ClusterDType::kFloat32;
+  Grads d = run(w.to(at::kDouble), palette, dense, scale, R);
+  for (DKMMethod m : {DKMMethod::kUnique, DKMMethod::kAuto}) {
+    DKMConfig c = base;
+    c.method = m;
+    SCOPED_TRACE(what + " method=" + to_string(m));
+    Grads u = run(w, palette, c, scale, R);
+    EXPECT_EQ(u.iters, d.iters);
+    EXPECT_LE(rel_err(u.out, d.out), tol);
+    EXPECT_LE(rel_err(u.palette, d.palette), tol);
+    EXPECT_LE(rel_err(u.grad, d.grad), tol);
+  }
+}
+
+TEST(DKM, UniqueMatchesDenseOnRandomTensors) {
+  at::manual_seed(1);
+  for (int bits : {2, 3, 4}) {
+    for (ClusterDType cd : {ClusterDType::kFloat32, ClusterDType::kBFloat16, ClusterDType::kFloat16}) {
+      for (int64_t group : {0, 8}) {
+        for (bool scaled : {false, true}) {
+          DKMConfig cfg;
+          cfg.bits = bits;
+          cfg.cluster_dtype = cd;
+          cfg.group_size = group;
+          cfg.per_row_scale = scaled;
+          // Per-row scaling brings weights to about [-1, 1], where tau must be larger.
+          cfg.tau = scaled ? 1e-2 : 1e-4;
+          at::Tensor w = at::randn({32, 48}) * 0.02;
+          expect_methods_agree(w, cfg, fmt::format("bits={} cd={} group={} scale={}", bits,
+                                                   to_string(cd), group, scaled));
+        }
+      }
+    }
+  }
+}
+
+TEST(DKM, UniqueMatchesDenseForVectorsAndBf16Weights) {
+  at::manual_seed(2);
+  DKMConfig cfg;
+  cfg.bits = 3;
+  cfg.cluster_dim = 2;
+  cfg.tau = 2e-4;
+  expect_methods_agree(at::randn({16, 24}) * 0.02, cfg, "cluster_dim=2");
+  cfg.cluster_dim = 1;
+  // A bf16 weight gets a bf16 output and gradient: agreement to bf16's precision.
+  expect_methods_agree((at::randn({64, 64}) * 0.02).to(at::kBFloat16), cfg, "bf16 weight", 0x1p-8);
+  cfg.cluster_dtype = ClusterDType::kNative;
+  expect_methods_agree(at::randn({16, 40}) * 0.02, cfg, "native fp32");
+}
+
+// The weight matrices of the real stories260K model (llama2.c v0 checkpoint: a 7 x int32
+// header, then fp32 tensors in a fixed order).
+std::vector<std::pair<std::string, at::Tensor>> stories260k_matrices() {
+  std::ifstream in(test::asset("models/stories260K/stories260K.bin"), std::ios::binary);
+  int32_t h[7];
+  in.read(reinterpret_cast<char*>(h), sizeof(h));
+  const int64_t dim = h[0], hidden = h[1], L = h[2], heads = h[3], kv = h[4], vocab = std::abs(h[5]);
+  const int64_t kv_dim = dim / heads * kv;
+  auto read = [&](std::vector<int64_t> shape) {
+    at::Tensor t = at::empty(shape, at::kFloat);
+    in.read(reinterpret_cast<char*>(t.data_ptr<float>()), t.numel() * sizeof(float));
+    EXPECT_TRUE(in.good());
+    return t;
+  };
+  read({vocab, dim});
+  read({L, dim});
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  const std::vector<std::pair<std::string, std::vector<int64_t>>> blocks = {
+      {"wq", {L, dim, dim}}, {"wk", {L, kv_dim, dim}}, {"wv", {L, kv_dim, dim}},
+      {"wo", {L, dim, dim}}, {"rms_ffn", {L, dim}},    {"w1", {L, hidden, dim}},
+      {"w2", {L, dim, hidden}}, {"w3", {L, hidden, dim}}};
+  for (const auto& [name, shape] : blocks) {
+    at::Tensor t = read(shape);
+    if (shape.size() != 3) continue;
+    for (int64_t l = 0; l < L; ++l) out.emplace_back(fmt::format("{}[{}]", name, l), t[l].clone());
+  }
+  return out;
+}
+
+TEST(DKM, UniqueMatchesDenseOnStories260K) {
+  auto mats = stories260k_matrices();
+  ASSERT_EQ(mats.size(), 35u);
+  at::manual_seed(3);
+  for (const auto& [name, w] : mats) {
+    DKMConfig cfg;
+    cfg.bits = 3;
+    expect_methods_agree(w, cfg, name);
+  }
+  DKMConfig grouped;
+  grouped.bits = 4;
+  grouped.group_size = 16;
+  grouped.cluster_dtype = ClusterDType::kFloat16;
+  expect_methods_agree(mats[0].second, grouped, mats[0].first + " grouped fp16");
+}
+
+// Central differences in fp64 against the hand-written backward, for the unique-value op
+// (distinct values by sorting, since fp64 has no 16-bit patterns) and the chunked dense path.
+TEST(DKM, GradientMatchesFiniteDifferences) {
+  at::manual_seed(4);
+  for (DKMMethod m : {DKMMethod::kUnique, DKMMethod::kAuto, DKMMethod::kDense}) {
+    for (int dim : {1, 2}) {
+      DKMConfig cfg;
+      cfg.bits = 2;
+      cfg.cluster_dim = dim;
+      cfg.cluster_dtype = ClusterDType::kNative;
+      cfg.tau = 0.05;
+      cfg.eps = 0;  // no early stop: the iteration count must not change under perturbation
+      cfg.group_size = 2;
+      cfg.zero_threshold = 0;
+      cfg.method = m;
+      at::Tensor w = at::randn({4, 6}, at::kDouble) * 0.3;
+      w[0][0] = w[1][1];  // a repeated value: several weights share one unique entry
+      at::Tensor palette = init_palette(w, cfg);
+      at::Tensor R = at::randn({4, 6}, at::kDouble);
+      auto loss = [&](const at::Tensor& x) { return (dkm(x, palette, cfg).weight * R).sum().item<double>(); };
+      Grads g = run(w, palette, cfg, {}, R);
+      at::Tensor fd = at::zeros_like(w);
+      const double h = 1e-6;
+      for (int64_t i = 0; i < w.numel(); ++i) {
+        at::Tensor wp = w.clone(), wm = w.clone();
+        wp.view({-1})[i] += h;
+        wm.view({-1})[i] -= h;
+        fd.view({-1})[i] = (loss(wp) - loss(wm)) / (2 * h);
+      }
+      SCOPED_TRACE(to_string(m) + " dim=" + std::to_string(dim));
+      EXPECT_LE(rel_err(g.grad, fd), 1e-6);
+    }
+  }
+}
+
+TEST(DKM, PaletteIsCarriedAndIterationsFollowTheStopRule) {
+  at::manual_seed(5);
+  DKMConfig cfg;
+  cfg.bits = 3;
+  cfg.group_size = 32;
+  at::Tensor w = at::randn({64, 64}) * 0.02;
+  at::Tensor p0 = init_palette(w, cfg);
+  for (DKMMethod m : {DKMMethod::kDense, DKMMethod::kUnique}) {
+    cfg.method = m;
+    // eps = 0: never converged, so every group makes max_iters updates.
+    cfg.eps = 0;
+    cfg.max_iters = 5;
+    DKMResult r = dkm(w, p0, cfg);
+    EXPECT_EQ(r.iterations, (std::vector<int>{5, 5}));
+    ASSERT_EQ(r.palette.sizes(), p0.sizes());
+    EXPECT_FALSE(r.palette.requires_grad());
+    // A huge eps: the first comparison (after the second update) stops.
+    cfg.eps = 1e9;
+    EXPECT_EQ(dkm(w, p0, cfg).iterations, (std::vector<int>{2, 2}));
+    // One update: nothing to compare.
+    cfg.max_iters = 1;
+    EXPECT_EQ(dkm(w, p0, cfg).iterations, (std::vector<int>{1, 1}));
+    // Soft-clustered weights lie within the palette's range.
+    EXPECT_GE(r.weight.min().item<float>(), r.palette.min().item<float>() - 1e-6);
+    EXPECT_LE(r.weight.max().item<float>(), r.palette.max().item<float>() + 1e-6);
+  }
+}
+
+TEST(DKM, GroupsStopIndependently) {
+  // Group 0 sits on its palette (its inertia moves by ~1e-12: stops after two updates); group 1
+  // is random and runs to max_iters. Unique and dense must agree on the per-group counts and on
+  // the gradients.
+  at::manual_seed(6);
+  DKMConfig cfg;
+  cfg.bits = 2;
+  cfg.group_size = 4;
+  cfg.eps = 1e-9;
+  cfg.max_iters = 4;
+  cfg.prune_threshold = 0;
+  at::Tensor w = at::randn({8, 16}) * 0.02;
+  w.narrow(0, 0, 4).copy_(at::tensor({-0.5f, -0.25f, 0.25f, 0.5f}).repeat({16}).view({4, 16}));
+  at::Tensor p0 = init_palette(w, cfg);
+  at::Tensor R = at::randn(w.sizes(), at::kDouble);
+  cfg.method = DKMMethod::kDense;
+  Grads d = run(w, p0, cfg, {}, R);
+  cfg.method = DKMMethod::kUnique;
+  Grads u = run(w, p0, cfg, {}, R);
+  EXPECT_EQ(d.iters, (std::vector<int>{2, 4}));
+  EXPECT_EQ(u.iters, d.iters);
+  EXPECT_LE(rel_err(u.out, d.out), 1e-4);
+  EXPECT_LE(rel_err(u.grad, d.grad), 1e-4);
+}
+
+TEST(DKM, FewerDistinctValuesThanCentroids) {
+  DKMConfig cfg;
+  cfg.bits = 3;
+  at::Tensor w = at::tensor({-0.5f, 0.25f, 1.0f, 0.25f, -0.5f, 1.0f}).view({2, 3});
+  at::Tensor p = init_palette(w, cfg);
+  // Each distinct value once, then the largest repeated.
+  at::Tensor want = at::tensor({-0.5f, 0.25f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f}).view({1, 8, 1});
+  EXPECT_TRUE(at::equal(p, want)) << p;
+  for (DKMMethod m : {DKMMethod::kDense, DKMMethod::kUnique}) {
+    cfg.method = m;
+    at::Tensor x = w.clone().requires_grad_(true);
+    DKMResult r = dkm(x, p, cfg);
+    // Equal up to the attention floor (zero_threshold) that every centroid keeps.
+    EXPECT_LE(rel_err(r.weight, w), 1e-5) << to_string(m);
+    r.weight.sum().backward();
+    EXPECT_TRUE(at::isfinite(x.grad()).all().item<bool>());
+  }
+}
+
+TEST(DKM, ConstantTensorAndTinyTensor) {
+  DKMConfig cfg;
+  cfg.bits = 4;
+  for (at::Tensor w : {at::full({4, 4}, 0.125f), at::tensor({0.5f, -0.25f})}) {
+    at::Tensor p = init_palette(w, cfg);
+    for (DKMMethod m : {DKMMethod::kDense, DKMMethod::kUnique, DKMMethod::kAuto}) {
+      cfg.method = m;
+      at::Tensor x = w.clone().requires_grad_(true);
+      DKMResult r = dkm(x, p, cfg);
+      EXPECT_LE(rel_err(r.weight, w), 1e-5) << to_string(m);
+      r.weight.sum().backward();
+      EXPECT_TRUE(at::isfinite(x.grad()).all().item<bool>()) << to_string(m);
+    }
+  }
+}
+
+TEST(DKM, RejectsBadInput) {
+  DKMConfig cfg;
+  at::Tensor w = at::randn({8, 8}) * 0.02;
+  at::Tensor p = init_palette(w, cfg);
+  for (int bits : {0, 9}) {
+    DKMConfig bad = cfg;
+    bad.bits = bits;
+    EXPECT_THROW(dkm(w, p, bad), std::invalid_argument) << bits;
+    EXPECT_THROW(init_palette(w, bad), std::invalid_argument);
+  }
+  for (double tau : {0.0, -1.0}) {
+    DKMConfig bad = cfg;
+    bad.tau = tau;
+    EXPECT_THROW(dkm(w, p, bad), std::invalid_argument);
+  }
+  EXPECT_THROW(dkm(at::empty({0, 8}), p, cfg), std::invalid_argument);
+  for (float v : {NAN, INFINITY}) {
+    at::Tensor bad = w.clone();
+    bad[3][4] = v;
+    for (DKMMethod m : {DKMMethod::kDense, DKMMethod::kUnique, DKMMethod::kAuto}) {
+      DKMConfig c = cfg;
+      c.method = m;
+      EXPECT_THROW(dkm(bad, p, c), std::invalid_argument) << v << " " << to_string(m);
+    }
+    EXPECT_THROW(init_palette(bad, cfg), std::invalid_argument);
+    EXPECT_THROW(row_scales(bad), std::invalid_argument);
+  }
+  // Finite in fp32 but beyond fp16's range once rounded.
+  DKMConfig half = cfg;
+  half.cluster_dtype = ClusterDType::kFloat16;
+  at::Tensor big = w.clone();
+  big[0][0] = 1e6;
+  try {
+    dkm(big, p, half);
+    ADD_FAILURE() << "expected an overflow error";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("overflow"), std::string::npos) << e.what();
+  }
+  // Wrong palette shape, group size, cluster_dim.
+  EXPECT_THROW(dkm(w, p.narrow(1, 0, 4), cfg), std::invalid_argument);
+  DKMConfig grouped = cfg;
+  grouped.group_size = 3;
+  EXPECT_THROW(dkm(w, p, grouped), std::invalid_argument);
+  DKMConfig vec = cfg;
+  vec.cluster_dim = 3;
+  EXPECT_THROW(init_palette(w, vec), std::invalid_argument);
+  // A scale that is missing or not positive.
+  DKMConfig scaled = cfg;
+  scaled.per_row_scale = true;
+  EXPECT_THROW(dkm(w, p, scaled), std::invalid_argument);
+  EXPECT_THROW(dkm(w, p, scaled, at::zeros({8})), std::invalid_argument);
+  EXPECT_THROW(parse_cluster_dtype("int8"), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace edkm

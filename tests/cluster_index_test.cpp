@@ -1,0 +1,80 @@
+// The fused CPU kernels of the 16-bit pattern index against its device-generic ATen path, and
+// both against a direct computation from the prepared weight.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include "cluster/layout.h"
+#include "cluster/value_index.h"
+#include "test_util.h"
+
+namespace edkm::detail {
+namespace {
+
+TEST(PatternIndex, CpuKernelsMatchGenericPathAndDirectComputation) {
+  at::manual_seed(7);
+  for (at::ScalarType wdt : {at::kFloat, at::kBFloat16, at::kDouble}) {
+    for (ClusterDType cd : {ClusterDType::kBFloat16, ClusterDType::kFloat16}) {
+      for (bool scaled : {false, true}) {
+        SCOPED_TRACE(fmt::format("w={} cd={} scaled={}", c10::toString(wdt), to_string(cd), scaled));
+        DKMConfig cfg;
+        cfg.cluster_dtype = cd;
+        cfg.group_size = 4;
+        cfg.per_row_scale = scaled;
+        at::Tensor w = (at::randn({12, 40}) * 0.02).to(wdt);
+        GroupLayout layout = GroupLayout::of(w, cfg);
+        at::Tensor s = scaled ? row_scales(w) : at::Tensor();
+        auto fast = make_pattern_index(w, layout, cfg, s, Kernels::kAuto);
+        auto slow = make_pattern_index(w, layout, cfg, s, Kernels::kGeneric);
+        ASSERT_TRUE(at::equal(fast->values(), slow->values()));
+        ASSERT_TRUE(at::equal(fast->counts(), slow->counts()));
+        EXPECT_EQ(fast->counts().sum().item<double>(), double(w.numel()));
+
+        // Independent reference: x = prepare(w); each weight's value is looked up by equality.
+        at::Tensor x = prepare(w, layout, cfg, s).view({layout.groups, -1});
+        at::Tensor table = at::randn(fast->values().sizes(), fast->values().options());
+        at::Tensor eq = x.unsqueeze(-1) == fast->values().view({layout.groups, 1, -1});  // [G, n, U]
+        ASSERT_TRUE((eq.sum(-1) == 1).all().item<bool>());
+        at::Tensor u = eq.to(at::kLong).argmax(-1);                                       // [G, n]
+        at::Tensor ref = table.view({layout.groups, -1}).gather(1, u).view({layout.rows, layout.cols});
+        if (scaled) ref = ref * s.unsqueeze(1);
+        ref = ref.to(wdt);
+        EXPECT_TRUE(at::equal(fast->emit(table), ref));
+        EXPECT_TRUE(at::equal(slow->emit(table), ref));
+
+        at::Tensor G = at::randn(w.sizes()).to(wdt);
+        at::Tensor Gs = G.to(x.scalar_type()).view({layout.rows, layout.cols});
+        if (scaled) Gs = Gs * s.unsqueeze(1);
+        at::Tensor agg_ref = at::zeros({layout.groups, table.size(1)}, at::kDouble)
+                                 .scatter_add_(1, u, Gs.view({layout.groups, -1}).to(at::kDouble));
+        EXPECT_LE(test::rel_err(fast->aggregate(G).view_as(agg_ref), agg_ref), 1e-6);
+        EXPECT_LE(test::rel_err(slow->aggregate(G).view_as(agg_ref), agg_ref), 1e-6);
+
+        at::Tensor jac = at::randn({layout.groups, table.size(1), 1, 1}, table.options());
+        at::Tensor h = at::randn({layout.groups, table.size(1), 1}, table.options());
+        at::Tensor gref = jac.view({layout.groups, -1}).gather(1, u) * G.to(x.scalar_type()).view({layout.groups, -1});
+        at::Tensor hh = h.view({layout.groups, -1}).gather(1, u).view({layout.rows, layout.cols});
+        if (scaled) hh = hh / s.unsqueeze(1);
+        gref = (gref.view({layout.rows, layout.cols}) + hh).to(wdt);
+        EXPECT_TRUE(at::allclose(fast->input_grad(G, jac, h).to(at::kDouble), gref.to(at::kDouble), 1e-6, 1e-7));
+        EXPECT_TRUE(at::allclose(slow->input_grad(G, jac, h).to(at::kDouble), gref.to(at::kDouble), 1e-6, 1e-7));
+      }
+    }
+  }
+}
+
+TEST(PatternIndex, LargeTensorFewDistinctValues) {
+  // A bf16 rounding of N(0, 0.02) has a few thousand distinct values, whatever N is.
+  at::manual_seed(8);
+  DKMConfig cfg;
+  at::Tensor w = at::randn({1024, 1024}) * 0.02;
+  GroupLayout layout = GroupLayout::of(w, cfg);
+  auto index = make_pattern_index(w, layout, cfg, {});
+  const int64_t U = index->values().size(1);
+  EXPECT_GT(U, 1000);
+  EXPECT_LT(U, 8000);
+  at::Tensor distinct = std::get<0>(at::_unique2(w.to(at::kBFloat16).to(at::kFloat).view({-1})));
+  EXPECT_EQ(U, distinct.numel());
+}
+
+}  // namespace
+}  // namespace edkm::detail

@@ -1,0 +1,45 @@
+// Shared helpers for the test suite.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+namespace edkm::test {
+
+// ../shared/assets, or the directory in EDKM_ASSETS.
+inline std::string assets_dir() {
+  if (const char* env = std::getenv("EDKM_ASSETS")) return env;
+  return EDKM_DEFAULT_ASSETS;
+}
+
+inline std::string asset(const std::string& rel) {
+  std::string p = assets_dir() + "/" + rel;
+  if (!std::filesystem::exists(p))
+    throw std::runtime_error("missing test asset " + p + " (set EDKM_ASSETS to the assets directory)");
+  return p;
+}
+
+// A fresh directory under the build tree's temp area, removed when the object dies.
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "edkm_test_XXXXXX").string();
+    path = ::mkdtemp(tmpl.data());
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
+
+// Norm-wise relative error |a - b| / |b| (0 when both vanish).
+inline double rel_err(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
+  double den = y.norm().item<double>();
+  double num = (x - y).norm().item<double>();
+  return den == 0 ? num : num / den;
+}
+
+}  // namespace edkm::test
