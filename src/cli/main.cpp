@@ -6,11 +6,15 @@
 
 #include "cli/commands.h"
 #include "common/error.h"
+#include "common/threads.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"edkm: train-time weight clustering (DKM / eDKM) for LLaMA-family models"};
   app.set_version_flag("--version", std::string(EDKM_VERSION));
   app.require_subcommand(1);
+  app.fallthrough();
+  int threads = 0;
+  app.add_option("-t,--threads", threads, "Intra-op threads (default: every core)");
   edkm::cli::register_commands(app);
   try {
     app.parse(argc, argv);
@@ -18,6 +22,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   try {
+    edkm::configure_threads(threads);
     edkm::cli::run_selected(app);
   } catch (const std::exception& e) {
     std::cerr << "edkm: error: " << e.what() << "\n";

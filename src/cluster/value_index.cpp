@@ -6,7 +6,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstring>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -43,6 +45,53 @@ at::Tensor combine_grad(const at::Tensor& jac, const at::Tensor& grad, const at:
 
 // ---------------------------------------------------------------------------------------------
 // Pattern index: 16-bit cluster dtypes, scalar clustering.
+//
+// Every pass first spreads the per-value table over all 65,536 patterns of each group
+// (O(G * 65536), independent of N), so the per-weight loop is one lookup. The loops are
+// specialised on the weight type W, the rounding type R and whether rows are scaled; a bf16
+// weight clustered in bf16 without scale is its own pattern.
+
+template <typename W>
+using acc_t = std::conditional_t<std::is_same_v<W, double>, double, float>;
+
+template <typename T>
+uint16_t bits_of(T v) {
+  return v.x;
+}
+
+// float -> bf16 round-to-nearest-even, bit-identical to c10::BFloat16(float) (NaN -> 0x7FC0),
+// written without a branch so the loop stays tight.
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(r);
+}
+
+template <typename R>
+uint16_t round_bits(float f) {
+  if constexpr (std::is_same_v<R, c10::BFloat16>) return bf16_bits(f);
+  else return R(f).x;
+}
+
+template <typename W>
+W from_acc(acc_t<W> v) {
+  if constexpr (std::is_same_v<W, c10::BFloat16>) return W(bf16_bits(v), W::from_bits());
+  else return static_cast<W>(v);
+}
+
+// The pattern of round_R(w / s), exactly as prepare() computes it with ATen ops: division in
+// the compute dtype, then a cast (through fp32) to the rounding dtype.
+template <typename W, typename R, bool kScaled>
+uint16_t pattern_of(W w, acc_t<W> s) {
+  if constexpr (std::is_same_v<W, R> && !kScaled) {
+    return bits_of(w);
+  } else {
+    acc_t<W> x = static_cast<acc_t<W>>(w);
+    if constexpr (kScaled) x = x / s;
+    return round_bits<R>(static_cast<float>(x));
+  }
+}
 
 template <typename R>
 constexpr uint16_t exponent_mask() {
@@ -58,7 +107,7 @@ class PatternIndex final : public ValueIndex {
         scale_(scale),
         rounding_(rounding),
         cpu_kernels_(kernels == Kernels::kAuto && weight.device().is_cpu()) {
-    at::Tensor hist = histogram();  // [G, 65536] int64
+    at::Tensor hist = histogram().view({layout_.groups, kPatterns});
     at::Tensor present = hist > 0;
     const uint16_t mask = rounding == at::kHalf ? exponent_mask<c10::Half>()
                                                 : exponent_mask<c10::BFloat16>();
@@ -66,45 +115,52 @@ class PatternIndex final : public ValueIndex {
     at::Tensor nonfinite = (patterns.bitwise_and(mask) == mask).unsqueeze(0) & present;
     if (nonfinite.any().item<bool>()) throw_nonfinite(weight_, rounding_);
 
-    at::Tensor pos = present.cumsum(1) - 1;
+    // Position of each present pattern in its group's list of distinct values, in the
+    // flattened [G * U] tables; absent patterns point at entry 0 of their group (never read).
+    at::Tensor pos = (present.cumsum(1) - 1).clamp_min(0);
     umax_ = present.sum(1).max().item<int64_t>();
-    slot_ = at::where(present, pos, at::full({}, -1, pos.options())).to(at::kInt);
+    at::Tensor group = at::arange(layout_.groups, pos.options()).unsqueeze(1);
+    lut_index_ = (pos + group * umax_).view({-1});
+    present_ = present.view({-1}).nonzero().view({-1});
 
     const auto cdt = compute_dtype(weight_);
-    at::Tensor decoded = patterns.to(at::kShort).view(rounding_).to(cdt);  // every 16-bit value
-    at::Tensor gp = present.nonzero();                                     // [M, 2]: (g, pattern)
-    at::Tensor g = gp.select(1, 0), p = gp.select(1, 1);
-    at::Tensor dst = g * umax_ + pos.index({g, p});
+    at::Tensor decoded = patterns.to(at::kShort).view(rounding_).to(cdt).repeat({layout_.groups});
+    at::Tensor dst = lut_index_.index_select(0, present_);
     at::Tensor values = at::zeros({layout_.groups * umax_}, weight_.options().dtype(cdt));
     at::Tensor counts = at::zeros_like(values);
-    values.index_put_({dst}, decoded.index_select(0, p));
-    counts.index_put_({dst}, hist.index({g, p}).to(cdt));
+    values.index_put_({dst}, decoded.index_select(0, present_));
+    counts.index_put_({dst}, hist.view({-1}).index_select(0, present_).to(cdt));
     values_ = values.view({layout_.groups, umax_, 1});
     counts_ = counts.view({layout_.groups, umax_});
   }
 
   at::Tensor emit(const at::Tensor& table) const override {
+    at::Tensor lut = spread(table);  // [G * 65536], compute dtype
     at::Tensor out = at::empty_like(weight_);
-    at::Tensor t = table.contiguous().view({-1});
     if (cpu_kernels_) {
-      dispatch([&](auto w_tag, auto r_tag) {
+      // Without scale the output is the table itself in the weight's dtype: one load per weight.
+      if (!scale_.defined()) lut = lut.to(weight_.scalar_type());
+      dispatch([&](auto w_tag, auto r_tag, auto scaled_tag) {
         using W = decltype(w_tag);
-        using A = acc_t<W>;
-        const A* tab = t.data_ptr<A>();
+        using R = decltype(r_tag);
+        constexpr bool kScaled = decltype(scaled_tag)::value;
+        using L = std::conditional_t<kScaled, acc_t<W>, W>;
+        const L* lp = lut.data_ptr<L>();
         W* o = out.data_ptr<W>();
-        for_each_row<W>([&](int64_t r, int64_t g, A s, const W* w) {
-          const int32_t* slot = slot_.data_ptr<int32_t>() + g * kPatterns;
-          const A* tg = tab + g * umax_;
+        for_each_row<W>([&](int64_t r, int64_t g, acc_t<W> s, const W* w) {
+          const L* lg = lp + g * kPatterns;
           W* orow = o + r * layout_.cols;
-          for (int64_t c = 0; c < layout_.cols; ++c)
-            orow[c] = static_cast<W>(scaled(tg[slot[pattern<decltype(r_tag)>(w[c], s)]], s));
+          for (int64_t c = 0; c < layout_.cols; ++c) {
+            if constexpr (kScaled) orow[c] = from_acc<W>(lg[pattern_of<W, R, true>(w[c], s)] * s);
+            else orow[c] = lg[pattern_of<W, R, false>(w[c], s)];
+          }
         });
       });
       return out;
     }
     at::Tensor out2d = out.view({layout_.rows, layout_.cols});
-    for_each_chunk([&](int64_t r0, int64_t rc, const at::Tensor& flat, const at::Tensor& s) {
-      at::Tensor y = t.index_select(0, flat).view({rc, layout_.cols});
+    for_each_chunk([&](int64_t r0, int64_t rc, const at::Tensor& keys, const at::Tensor& s) {
+      at::Tensor y = lut.index_select(0, keys).view({rc, layout_.cols});
       if (s.defined()) y = y * s.unsqueeze(1);
       out2d.narrow(0, r0, rc).copy_(y);
     });
@@ -112,76 +168,81 @@ class PatternIndex final : public ValueIndex {
   }
 
   at::Tensor aggregate(const at::Tensor& grad) const override {
-    at::Tensor acc = at::zeros({layout_.groups * umax_}, weight_.options().dtype(at::kDouble));
+    at::Tensor acc = at::zeros({layout_.groups * kPatterns}, weight_.options().dtype(at::kDouble));
     at::Tensor gr = grad.contiguous().view(weight_.sizes());
     if (cpu_kernels_) {
       std::mutex mu;
       double* total = acc.data_ptr<double>();
-      dispatch([&](auto w_tag, auto r_tag) {
+      dispatch([&](auto w_tag, auto r_tag, auto scaled_tag) {
         using W = decltype(w_tag);
-        using A = acc_t<W>;
+        using R = decltype(r_tag);
+        constexpr bool kScaled = decltype(scaled_tag)::value;
         const W* gptr = gr.data_ptr<W>();
-        // Each thread sums into a buffer for the group its rows are in and flushes the buffer
-        // when the group changes: no per-element atomics, and buffers of U entries only.
-        at::parallel_for(0, layout_.rows, row_grain(), [&](int64_t r0, int64_t r1) {
-          std::vector<double> local(umax_, 0.0);
+        // Each thread sums into a buffer for the group its rows are in and flushes it when the
+        // group changes: no per-weight atomics.
+        for_each_row_range<W>([&](int64_t r0, int64_t r1, auto&& row) {
+          std::vector<double> local(kPatterns, 0.0);
           int64_t cur = r0 / layout_.rows_per_group;
           auto flush = [&] {
             std::lock_guard<std::mutex> lock(mu);
-            double* dst = total + cur * umax_;
-            for (int64_t u = 0; u < umax_; ++u) dst[u] += local[u];
+            double* dst = total + cur * kPatterns;
+            for (int64_t p = 0; p < kPatterns; ++p) dst[p] += local[p];
             std::fill(local.begin(), local.end(), 0.0);
           };
           for (int64_t r = r0; r < r1; ++r) {
-            const int64_t g = r / layout_.rows_per_group;
+            auto [g, s, w] = row(r);
             if (g != cur) {
               flush();
               cur = g;
             }
-            const A s = row_scale<A>(r);
-            const W* w = weight_.data_ptr<W>() + r * layout_.cols;
             const W* gw = gptr + r * layout_.cols;
-            const int32_t* slot = slot_.data_ptr<int32_t>() + g * kPatterns;
-            for (int64_t c = 0; c < layout_.cols; ++c)
-              local[slot[pattern<decltype(r_tag)>(w[c], s)]] += scaled(static_cast<A>(gw[c]), s);
+            for (int64_t c = 0; c < layout_.cols; ++c) {
+              acc_t<W> v = static_cast<acc_t<W>>(gw[c]);
+              if constexpr (kScaled) v = v * s;
+              local[pattern_of<W, R, kScaled>(w[c], s)] += v;
+            }
           }
           flush();
         });
       });
     } else {
       at::Tensor g2d = gr.view({layout_.rows, layout_.cols});
-      for_each_chunk([&](int64_t r0, int64_t rc, const at::Tensor& flat, const at::Tensor& s) {
+      for_each_chunk([&](int64_t r0, int64_t rc, const at::Tensor& keys, const at::Tensor& s) {
         at::Tensor v = g2d.narrow(0, r0, rc).to(compute_dtype(weight_));
         if (s.defined()) v = v * s.unsqueeze(1);
-        acc.index_add_(0, flat, v.reshape({-1}).to(at::kDouble));
+        acc.index_add_(0, keys, v.reshape({-1}).to(at::kDouble));
       });
     }
-    return acc.view({layout_.groups, umax_, 1});
+    at::Tensor compact = at::zeros({layout_.groups * umax_}, acc.options());
+    compact.index_put_({lut_index_.index_select(0, present_)}, acc.index_select(0, present_));
+    return compact.view({layout_.groups, umax_, 1});
   }
 
   at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& jac,
                         const at::Tensor& h) const override {
+    at::Tensor lj = spread(jac), lh = spread(h);
     at::Tensor out = at::empty_like(weight_);
     at::Tensor gr = grad.contiguous().view(weight_.sizes());
-    at::Tensor j = jac.contiguous().view({-1}), hh = h.contiguous().view({-1});
     if (cpu_kernels_) {
-      dispatch([&](auto w_tag, auto r_tag) {
+      dispatch([&](auto w_tag, auto r_tag, auto scaled_tag) {
         using W = decltype(w_tag);
+        using R = decltype(r_tag);
         using A = acc_t<W>;
-        const A* jp = j.data_ptr<A>();
-        const A* hp = hh.data_ptr<A>();
+        constexpr bool kScaled = decltype(scaled_tag)::value;
+        const A* jp = lj.data_ptr<A>();
+        const A* hp = lh.data_ptr<A>();
         const W* gptr = gr.data_ptr<W>();
         W* o = out.data_ptr<W>();
         for_each_row<W>([&](int64_t r, int64_t g, A s, const W* w) {
-          const int32_t* slot = slot_.data_ptr<int32_t>() + g * kPatterns;
-          const A* jg = jp + g * umax_;
-          const A* hg = hp + g * umax_;
+          const A* jg = jp + g * kPatterns;
+          const A* hg = hp + g * kPatterns;
           const W* gw = gptr + r * layout_.cols;
           W* orow = o + r * layout_.cols;
           for (int64_t c = 0; c < layout_.cols; ++c) {
-            const int32_t u = slot[pattern<decltype(r_tag)>(w[c], s)];
-            const A palette_path = scale_.defined() ? hg[u] / s : hg[u];
-            orow[c] = static_cast<W>(jg[u] * static_cast<A>(gw[c]) + palette_path);
+            const uint16_t p = pattern_of<W, R, kScaled>(w[c], s);
+            A palette_path = hg[p];
+            if constexpr (kScaled) palette_path = palette_path / s;
+            orow[c] = from_acc<W>(jg[p] * static_cast<A>(gw[c]) + palette_path);
           }
         });
       });
@@ -189,91 +250,88 @@ class PatternIndex final : public ValueIndex {
     }
     at::Tensor g2d = gr.view({layout_.rows, layout_.cols});
     at::Tensor out2d = out.view({layout_.rows, layout_.cols});
-    for_each_chunk([&](int64_t r0, int64_t rc, const at::Tensor& flat, const at::Tensor& s) {
+    for_each_chunk([&](int64_t r0, int64_t rc, const at::Tensor& keys, const at::Tensor& s) {
       at::Tensor gv = g2d.narrow(0, r0, rc).to(compute_dtype(weight_)).reshape({-1, 1});
-      at::Tensor r = combine_grad(j.index_select(0, flat).view({-1, 1, 1}), gv,
-                                  hh.index_select(0, flat).view({-1, 1}), s, rc);
+      at::Tensor r = combine_grad(lj.index_select(0, keys).view({-1, 1, 1}), gv,
+                                  lh.index_select(0, keys).view({-1, 1}), s, rc);
       out2d.narrow(0, r0, rc).copy_(r.view({rc, layout_.cols}));
     });
     return out;
   }
 
  private:
-  template <typename W>
-  using acc_t = std::conditional_t<std::is_same_v<W, double>, double, float>;
+  // A [G, U, ...] per-value table laid out per pattern: [G * 65536].
+  at::Tensor spread(const at::Tensor& table) const {
+    return table.contiguous().view({-1}).index_select(0, lut_index_);
+  }
 
-  // The 16-bit pattern of round_R(w / s), exactly as prepare() computes it with ATen ops:
-  // division in the compute dtype, then a cast (through fp32) to the rounding dtype.
-  template <typename R, typename W, typename A>
-  uint16_t pattern(W w, A s) const {
-    A x = static_cast<A>(w);
-    if (scale_.defined()) x = x / s;
-    return R(static_cast<float>(x)).x;
-  }
-  template <typename A>
-  A scaled(A v, A s) const {
-    return scale_.defined() ? v * s : v;
-  }
   template <typename A>
   A row_scale(int64_t r) const {
     return scale_.defined() ? static_cast<A>(scale_.data_ptr<float>()[r]) : A(1);
   }
   int64_t row_grain() const { return std::max<int64_t>(1, 16384 / layout_.cols); }
 
-  // Calls f(W{}, R{}) with the weight's element type and the rounding type.
+  // Calls f(W{}, R{}, std::integral_constant<bool, scaled>{}) with the weight's element type,
+  // the rounding type and whether rows are scaled.
   template <typename F>
   void dispatch(F&& f) const {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight_.scalar_type(), "pattern_index", [&] {
-      if (rounding_ == at::kHalf)
-        f(scalar_t{}, c10::Half{});
-      else
-        f(scalar_t{}, c10::BFloat16{});
+      auto with_scale = [&](auto r_tag) {
+        if (scale_.defined()) f(scalar_t{}, r_tag, std::true_type{});
+        else f(scalar_t{}, r_tag, std::false_type{});
+      };
+      if (rounding_ == at::kHalf) with_scale(c10::Half{});
+      else with_scale(c10::BFloat16{});
     });
+  }
+
+  // Parallel over row ranges: f(r0, r1, row) where row(r) gives {group, scale, weight row}.
+  template <typename W, typename F>
+  void for_each_row_range(F&& f) const {
+    const W* w = weight_.data_ptr<W>();
+    auto row = [&](int64_t r) {
+      return std::make_tuple(r / layout_.rows_per_group, row_scale<acc_t<W>>(r), w + r * layout_.cols);
+    };
+    at::parallel_for(0, layout_.rows, row_grain(), [&](int64_t r0, int64_t r1) { f(r0, r1, row); });
   }
 
   // Parallel loop over rows: f(row, group, scale, weight row pointer).
   template <typename W, typename F>
   void for_each_row(F&& f) const {
-    const W* w = weight_.data_ptr<W>();
-    at::parallel_for(0, layout_.rows, row_grain(), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        f(r, r / layout_.rows_per_group, row_scale<acc_t<W>>(r), w + r * layout_.cols);
+    for_each_row_range<W>([&](int64_t r0, int64_t r1, auto&& row) {
+      for (int64_t r = r0; r < r1; ++r) {
+        auto [g, s, w] = row(r);
+        f(r, g, s, w);
+      }
     });
   }
 
-  // ATen path: f(first row, row count, flat index into [G * U] tables, scale of the rows).
+  // ATen path: f(first row, row count, keys g * 65536 + pattern [rc * cols], scale of the rows).
   template <typename F>
   void for_each_chunk(F&& f) const {
     const int64_t step = chunk_rows(layout_.cols);
     at::Tensor w2d = weight_.view({layout_.rows, layout_.cols});
-    at::Tensor slot_flat = slot_.view({-1});
     for (int64_t r0 = 0; r0 < layout_.rows; r0 += step) {
       const int64_t rc = std::min(step, layout_.rows - r0);
       at::Tensor s = scale_.defined() ? scale_.narrow(0, r0, rc) : at::Tensor();
-      at::Tensor keys = chunk_patterns(w2d.narrow(0, r0, rc), s);  // [rc, cols] int64
-      at::Tensor group = at::arange(r0, r0 + rc, keys.options()).div(layout_.rows_per_group, "floor");
-      at::Tensor local = slot_flat.index_select(0, (keys + (group * kPatterns).unsqueeze(1)).view({-1}));
-      at::Tensor flat = (local.view({rc, layout_.cols}).to(at::kLong) + (group * umax_).unsqueeze(1)).view({-1});
-      f(r0, rc, flat, s);
+      at::Tensor x = w2d.narrow(0, r0, rc).to(compute_dtype(weight_));
+      if (s.defined()) x = x / s.unsqueeze(1);
+      at::Tensor p = x.to(rounding_).view(at::kShort).to(at::kLong).bitwise_and(0xFFFF);
+      at::Tensor group = at::arange(r0, r0 + rc, p.options()).div(layout_.rows_per_group, "floor");
+      f(r0, rc, (p + (group * kPatterns).unsqueeze(1)).view({-1}), s);
     }
   }
 
-  at::Tensor chunk_patterns(const at::Tensor& w, const at::Tensor& s) const {
-    at::Tensor x = w.to(compute_dtype(weight_));
-    if (s.defined()) x = x / s.unsqueeze(1);
-    return x.to(rounding_).view(at::kShort).to(at::kLong).bitwise_and(0xFFFF);
-  }
-
   at::Tensor histogram() const {
-    at::Tensor hist = at::zeros({layout_.groups, kPatterns},
-                                weight_.options().dtype(at::kLong));
+    at::Tensor hist = at::zeros({layout_.groups * kPatterns}, weight_.options().dtype(at::kLong));
     if (cpu_kernels_) {
       std::mutex mu;
       int64_t* total = hist.data_ptr<int64_t>();
-      dispatch([&](auto w_tag, auto r_tag) {
+      dispatch([&](auto w_tag, auto r_tag, auto scaled_tag) {
         using W = decltype(w_tag);
-        using A = acc_t<W>;
-        at::parallel_for(0, layout_.rows, row_grain(), [&](int64_t r0, int64_t r1) {
+        using R = decltype(r_tag);
+        constexpr bool kScaled = decltype(scaled_tag)::value;
+        for_each_row_range<W>([&](int64_t r0, int64_t r1, auto&& row) {
           std::vector<uint32_t> local(kPatterns, 0);
           int64_t cur = r0 / layout_.rows_per_group;
           auto flush = [&] {
@@ -283,31 +341,21 @@ class PatternIndex final : public ValueIndex {
             std::fill(local.begin(), local.end(), 0u);
           };
           for (int64_t r = r0; r < r1; ++r) {
-            const int64_t g = r / layout_.rows_per_group;
+            auto [g, s, w] = row(r);
             if (g != cur) {
               flush();
               cur = g;
             }
-            const A s = row_scale<A>(r);
-            const W* w = weight_.data_ptr<W>() + r * layout_.cols;
-            for (int64_t c = 0; c < layout_.cols; ++c) ++local[pattern<decltype(r_tag)>(w[c], s)];
+            for (int64_t c = 0; c < layout_.cols; ++c) ++local[pattern_of<W, R, kScaled>(w[c], s)];
           }
           flush();
         });
       });
       return hist;
     }
-    const int64_t step = chunk_rows(layout_.cols);
-    at::Tensor w2d = weight_.view({layout_.rows, layout_.cols});
-    at::Tensor flat = hist.view({-1});
-    for (int64_t r0 = 0; r0 < layout_.rows; r0 += step) {
-      const int64_t rc = std::min(step, layout_.rows - r0);
-      at::Tensor s = scale_.defined() ? scale_.narrow(0, r0, rc) : at::Tensor();
-      at::Tensor keys = chunk_patterns(w2d.narrow(0, r0, rc), s);
-      at::Tensor group = at::arange(r0, r0 + rc, keys.options()).div(layout_.rows_per_group, "floor");
-      keys = (keys + (group * kPatterns).unsqueeze(1)).view({-1});
-      flat.index_add_(0, keys, at::ones_like(keys));
-    }
+    for_each_chunk([&](int64_t, int64_t, const at::Tensor& keys, const at::Tensor&) {
+      hist.index_add_(0, keys, at::ones_like(keys));
+    });
     return hist;
   }
 
@@ -317,7 +365,8 @@ class PatternIndex final : public ValueIndex {
   at::ScalarType rounding_;
   bool cpu_kernels_;
   int64_t umax_ = 0;
-  at::Tensor slot_;  // [G, 65536] int32: position of a pattern in its group's list, or -1
+  at::Tensor lut_index_;  // [G * 65536] int64: pattern -> row of the flattened [G * U] tables
+  at::Tensor present_;    // positions in [G * 65536] of the patterns that occur
 };
 
 // ---------------------------------------------------------------------------------------------

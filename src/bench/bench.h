@@ -1,0 +1,51 @@
+// bench: side-by-side measurements behind `edkm bench ...` and the Google Benchmark targets.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <nlohmann/json_fwd.hpp>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace edkm::bench {
+
+// Seconds of the fastest of `reps` runs of f, after one warm-up run.
+double best_seconds(const std::function<void()>& f, int reps);
+
+// The seven projection weights of one LLaMA-7B decoder layer (q, k, v, o: 4096 x 4096; gate,
+// up: 11008 x 4096; down: 4096 x 11008), entries N(0, 0.02), in `dtype`. `scale` < 1 shrinks
+// every output dimension (for quick runs); 1 is the real layer.
+std::vector<at::Tensor> llama7b_layer(at::ScalarType dtype, double scale = 1.0, uint64_t seed = 0);
+
+struct DKMBenchOptions {
+  int bits = 3;
+  int reps = 3;
+  double layer_scale = 1.0;   // 1 = the real LLaMA-7B layer
+  int64_t dense_slice = int64_t(1) << 22;  // weights the dense method is run on
+};
+
+struct DKMBenchRow {
+  std::string method;       // floor | unique | auto | dense
+  std::string scope;        // "layer" or "slice"
+  bool extrapolated = false;
+  int64_t weights = 0;
+  double seconds = 0;       // forward + backward
+  int64_t saved_bytes = 0;  // held between forward and backward, beyond the output
+  int64_t extra_bytes = 0;  // peak during forward + backward beyond inputs, outputs, gradients
+};
+
+struct DKMBenchResult {
+  DKMBenchOptions options;
+  int threads = 0;
+  std::vector<DKMBenchRow> rows;
+  // dense / unique time on the same slice, dense / unique extra memory for the layer
+  // (dense extrapolated), unique / floor time on the layer.
+  double speedup_vs_dense = 0, memory_ratio = 0, vs_floor = 0;
+};
+
+DKMBenchResult run_dkm_bench(const DKMBenchOptions& opts);
+std::string format_table(const DKMBenchResult& r);
+nlohmann::json to_json(const DKMBenchResult& r);
+
+}  // namespace edkm::bench

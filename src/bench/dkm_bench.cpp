@@ -1,0 +1,176 @@
+// `edkm bench dkm`: forward + backward of DKM on one LLaMA-7B decoder layer, for each method,
+// beside the element-wise floor (w * s), measured in one run.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <chrono>
+
+#include "bench/bench.h"
+#include "cluster/cluster.h"
+#include "common/memory.h"
+
+namespace edkm::bench {
+
+double best_seconds(const std::function<void()>& f, int reps) {
+  f();
+  double best = 1e300;
+  for (int i = 0; i < std::max(1, reps); ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    f();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+std::vector<at::Tensor> llama7b_layer(at::ScalarType dtype, double scale, uint64_t seed) {
+  at::manual_seed(seed);
+  const int64_t d = std::max<int64_t>(1, int64_t(4096 * scale)), h = std::max<int64_t>(1, int64_t(11008 * scale));
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{d, 4096}, {d, 4096}, {d, 4096}, {d, 4096},
+                                                           {h, 4096}, {h, 4096}, {d, 11008}};
+  std::vector<at::Tensor> out;
+  for (auto [r, c] : shapes) out.push_back((at::randn({r, c}) * 0.02).to(dtype));
+  return out;
+}
+
+namespace {
+
+int64_t bytes(const at::Tensor& t) { return t.defined() ? t.numel() * t.element_size() : 0; }
+
+// Forward of every matrix, then backward of each, with the memory accounting described on
+// DKMBenchRow: extra memory at any moment is the tensor bytes held beyond the inputs, the
+// outputs and the weight gradients produced so far.
+using Forward = std::function<at::Tensor(size_t i, const at::Tensor& w)>;
+
+DKMBenchRow measure(const std::string& method, const std::string& scope,
+                    const std::vector<at::Tensor>& mats, const std::vector<at::Tensor>& grads,
+                    const Forward& fwd, int reps) {
+  DKMBenchRow row{method, scope};
+  for (const auto& m : mats) row.weights += m.numel();
+  int64_t saved = 0, extra = 0;
+  auto once = [&] {
+    std::vector<at::Tensor> ws, outs;
+    for (const auto& m : mats) ws.push_back(m.detach().requires_grad_(true));
+    TensorMemory::reset_peak();
+    const int64_t base = TensorMemory::current();
+    int64_t out_bytes = 0;
+    for (size_t i = 0; i < ws.size(); ++i) {
+      outs.push_back(fwd(i, ws[i]));
+      out_bytes += bytes(outs.back());
+    }
+    extra = TensorMemory::peak() - base - out_bytes;
+    saved = TensorMemory::current() - base - out_bytes;
+    int64_t grad_bytes = 0;
+    for (size_t i = 0; i < ws.size(); ++i) {
+      TensorMemory::reset_peak();
+      const int64_t before = TensorMemory::current();
+      torch::autograd::backward({outs[i]}, {grads[i]});
+      outs[i] = at::Tensor();
+      out_bytes -= bytes(mats[i]);
+      const int64_t stash = before - base - out_bytes - bytes(mats[i]) - grad_bytes;
+      extra = std::max(extra, stash + TensorMemory::peak() - before - bytes(ws[i].grad()));
+      grad_bytes += bytes(ws[i].grad());
+    }
+  };
+  row.seconds = best_seconds(once, reps);
+  row.saved_bytes = std::max<int64_t>(0, saved);
+  row.extra_bytes = std::max<int64_t>(0, extra);
+  return row;
+}
+
+std::string mib(int64_t b) { return fmt::format("{:.1f}", b / 1048576.0); }
+
+}  // namespace
+
+DKMBenchResult run_dkm_bench(const DKMBenchOptions& opts) {
+  TensorMemory::install();
+  DKMBenchResult res;
+  res.options = opts;
+  res.threads = at::get_num_threads();
+  DKMConfig cfg;
+  cfg.bits = opts.bits;
+
+  std::vector<at::Tensor> layer = llama7b_layer(at::kBFloat16, opts.layer_scale);
+  std::vector<at::Tensor> grads, palettes;
+  for (const auto& w : layer) {
+    grads.push_back(at::randn_like(w));
+    palettes.push_back(init_palette(w, cfg));
+  }
+  auto dkm_with = [&](DKMMethod m, const std::vector<at::Tensor>& pal) -> Forward {
+    return [&pal, m, cfg](size_t i, const at::Tensor& w) {
+      DKMConfig c = cfg;
+      c.method = m;
+      return dkm(w, pal[i], c).weight;
+    };
+  };
+  const at::Tensor s = at::full({}, 1.5, at::kBFloat16);
+  Forward floor = [&](size_t, const at::Tensor& w) { return w * s; };
+
+  DKMBenchRow floor_row = measure("floor (w*s)", "layer", layer, grads, floor, opts.reps);
+  DKMBenchRow unique_row = measure("unique", "layer", layer, grads, dkm_with(DKMMethod::kUnique, palettes), opts.reps);
+  DKMBenchRow auto_row = measure("auto", "layer", layer, grads, dkm_with(DKMMethod::kAuto, palettes), opts.reps);
+
+  // The dense method materialises N x k tensors per iteration: tens of GB for the layer. It
+  // runs on the first rows of q_proj, beside the unique method on the same slice.
+  const int64_t cols = layer[0].size(1);
+  const int64_t slice_rows = std::min<int64_t>(layer[0].size(0), std::max<int64_t>(1, opts.dense_slice / cols));
+  std::vector<at::Tensor> slice{layer[0].narrow(0, 0, slice_rows)};
+  std::vector<at::Tensor> slice_grads{grads[0].narrow(0, 0, slice_rows)};
+  std::vector<at::Tensor> slice_pal{init_palette(slice[0], cfg)};
+  DKMBenchRow dense_slice = measure("dense", "slice", slice, slice_grads, dkm_with(DKMMethod::kDense, slice_pal), opts.reps);
+  DKMBenchRow unique_slice = measure("unique", "slice", slice, slice_grads, dkm_with(DKMMethod::kUnique, slice_pal), opts.reps);
+  DKMBenchRow dense_layer = dense_slice;
+  const double f = double(unique_row.weights) / dense_slice.weights;
+  dense_layer.scope = "layer";
+  dense_layer.extrapolated = true;
+  dense_layer.weights = unique_row.weights;
+  dense_layer.seconds *= f;
+  dense_layer.saved_bytes = int64_t(dense_layer.saved_bytes * f);
+  dense_layer.extra_bytes = int64_t(dense_layer.extra_bytes * f);
+
+  res.rows = {floor_row, unique_row, auto_row, dense_layer, dense_slice, unique_slice};
+  res.speedup_vs_dense = dense_slice.seconds / unique_slice.seconds;
+  res.memory_ratio = double(unique_row.extra_bytes) / double(dense_layer.extra_bytes);
+  res.vs_floor = unique_row.seconds / floor_row.seconds;
+  return res;
+}
+
+std::string format_table(const DKMBenchResult& r) {
+  std::string s = fmt::format(
+      "DKM forward+backward, bits {}, bf16 weights N(0, 0.02), threads {}, best of {}\n",
+      r.options.bits, r.threads, r.options.reps);
+  s += fmt::format("{:<12} {:<22} {:>12} {:>10} {:>12} {:>12}\n", "method", "scope", "weights",
+                   "seconds", "saved MiB", "extra MiB");
+  for (const auto& row : r.rows) {
+    std::string scope = row.scope == "layer" ? "decoder layer" : "q_proj slice";
+    if (row.extrapolated) scope += " (extrap.)";
+    s += fmt::format("{:<12} {:<22} {:>12} {:>10.3f} {:>12} {:>12}\n", row.method, scope,
+                     row.weights, row.seconds, mib(row.saved_bytes), mib(row.extra_bytes));
+  }
+  s += fmt::format("unique vs dense, same slice: {:.0f}x faster\n", r.speedup_vs_dense);
+  s += fmt::format("unique / element-wise floor, layer: {:.2f}x the time\n", r.vs_floor);
+  s += fmt::format("unique / dense extra memory, layer: {:.4f}% (dense extrapolated)\n",
+                   100 * r.memory_ratio);
+  return s;
+}
+
+nlohmann::json to_json(const DKMBenchResult& r) {
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& row : r.rows)
+    rows.push_back({{"method", row.method}, {"scope", row.scope}, {"extrapolated", row.extrapolated},
+                    {"weights", row.weights}, {"seconds", row.seconds},
+                    {"saved_bytes", row.saved_bytes}, {"extra_bytes", row.extra_bytes}});
+  return {{"benchmark", "dkm"},
+          {"bits", r.options.bits},
+          {"reps", r.options.reps},
+          {"layer_scale", r.options.layer_scale},
+          {"threads", r.threads},
+          {"rows", rows},
+          {"speedup_unique_vs_dense", r.speedup_vs_dense},
+          {"unique_over_floor_time", r.vs_floor},
+          {"unique_over_dense_memory", r.memory_ratio}};
+}
+
+}  // namespace edkm::bench
