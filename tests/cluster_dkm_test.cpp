@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "cluster/cluster.h"
+#include "common/memory.h"
 #include "test_util.h"
 
 namespace edkm {
@@ -125,9 +126,11 @@ TEST(DKM, UniqueMatchesDenseOnStories260K) {
   ASSERT_EQ(mats.size(), 35u);
   at::manual_seed(3);
   for (const auto& [name, w] : mats) {
-    DKMConfig cfg;
-    cfg.bits = 3;
-    expect_methods_agree(w, cfg, name);
+    for (int bits : {2, 3, 4}) {
+      DKMConfig cfg;
+      cfg.bits = bits;
+      expect_methods_agree(w, cfg, fmt::format("{} bits={}", name, bits));
+    }
   }
   DKMConfig grouped;
   grouped.bits = 4;
@@ -222,6 +225,32 @@ TEST(DKM, GroupsStopIndependently) {
   EXPECT_EQ(u.iters, d.iters);
   EXPECT_LE(rel_err(u.out, d.out), 1e-4);
   EXPECT_LE(rel_err(u.grad, d.grad), 1e-4);
+}
+
+// What the unique method keeps between forward and backward is O(65536 + U k T), not O(N):
+// measured with the counting CPU allocator.
+TEST(DKM, UniqueMethodSavesNothingWeightSized) {
+  TensorMemory::install();
+  at::manual_seed(9);
+  DKMConfig cfg;
+  cfg.bits = 3;
+  at::Tensor w = (at::randn({4096, 4096}) * 0.02).to(at::kBFloat16).requires_grad_(true);
+  at::Tensor p = init_palette(w, cfg);
+  const int64_t weight_bytes = w.numel() * w.element_size();
+  for (DKMMethod m : {DKMMethod::kUnique, DKMMethod::kDense}) {
+    if (m == DKMMethod::kDense) w = w.detach().narrow(0, 0, 256).clone().requires_grad_(true);
+    cfg.method = m;
+    const int64_t before = TensorMemory::current();
+    at::Tensor out = dkm(w, m == DKMMethod::kDense ? init_palette(w, cfg) : p, cfg).weight;
+    const int64_t saved = TensorMemory::current() - before - out.numel() * out.element_size();
+    const int64_t n = w.numel();
+    if (m == DKMMethod::kUnique) {
+      EXPECT_LT(saved, weight_bytes / 20) << saved;
+    } else {
+      // The dense formulation keeps several N x k fp32 tensors per iteration.
+      EXPECT_GT(saved, n * cfg.k() * 4 * cfg.max_iters) << saved;
+    }
+  }
 }
 
 TEST(DKM, FewerDistinctValuesThanCentroids) {
