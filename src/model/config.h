@@ -1,0 +1,36 @@
+// The hyper-parameters of a LLaMA-family decoder (LLaMA / LLaMA-2, TinyLlama, SmolLM, Mistral
+// without sliding window, the llama2.c models), with Hugging Face config.json conversion.
+#pragma once
+
+#include <nlohmann/json_fwd.hpp>
+
+#include <cstdint>
+#include <string>
+
+namespace edkm {
+
+struct LlamaConfig {
+  int64_t dim = 0;          // hidden_size
+  int64_t hidden_dim = 0;   // intermediate_size (SwiGLU)
+  int64_t n_layers = 0;
+  int64_t n_heads = 0;
+  int64_t n_kv_heads = 0;   // grouped-query attention: n_heads / n_kv_heads queries per kv head
+  int64_t vocab_size = 0;
+  int64_t max_seq_len = 0;
+  double norm_eps = 1e-5;
+  double rope_theta = 10000.0;
+  bool tie_embeddings = true;
+  int64_t bos_id = 1;
+  int64_t eos_id = 2;
+
+  int64_t head_dim() const { return dim / n_heads; }
+  int64_t kv_dim() const { return head_dim() * n_kv_heads; }
+  int64_t num_parameters() const;
+
+  // InputError naming `source` and the field when a value is missing or inconsistent.
+  void validate(const std::string& source) const;
+  static LlamaConfig from_hf(const nlohmann::json& j, const std::string& source);
+  nlohmann::json to_hf() const;
+};
+
+}  // namespace edkm

@@ -1,0 +1,18 @@
+// Hugging Face model directories: config.json, model.safetensors (or a sharded
+// model.safetensors.index.json), and a tokenizer (tokenizer.model or llama2.c tokenizer.bin).
+#pragma once
+
+#include <string>
+
+#include "model/llama.h"
+
+namespace edkm {
+
+Llama load_hf_dir(const std::string& dir);
+
+// Writes config.json and model.safetensors (weights cast to `dtype`), and copies the tokenizer
+// file if one is given. Each file is written atomically; the directory is created if needed.
+void save_hf_dir(const Llama& model, const std::string& dir, at::ScalarType dtype,
+                 const std::string& tokenizer_file = "");
+
+}  // namespace edkm

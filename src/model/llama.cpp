@@ -1,0 +1,325 @@
+// The decoder, spelled out (HF LlamaForCausalLM semantics):
+//
+//   h_0 = E[tokens]
+//   for each layer l:
+//     a   = RMSNorm(h) = h / sqrt(mean(h^2) + eps) * g_attn
+//     q, k, v = a Wq^T, a Wk^T, a Wv^T, split into heads; q, k rotated by RoPE
+//     h  += softmax(q k^T / sqrt(d_head) + causal mask) v  Wo^T     (kv heads shared by
+//                                                                   n_heads / n_kv_heads queries)
+//     m   = RMSNorm(h) with g_mlp
+//     h  += (silu(m Wgate^T) * (m Wup^T)) Wdown^T
+//   logits = RMSNorm(h) with g_final, times W_lm_head^T (or E^T when tied)
+//
+// RoPE (Su et al. 2021) in HF's "rotate_half" layout: for head dim d and i < d/2,
+// theta_i = base^(-2i/d); position p rotates the pair (x_i, x_{i+d/2}) by p * theta_i.
+#include "model/llama.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cmath>
+#include <functional>
+
+#include "common/error.h"
+
+namespace edkm {
+namespace {
+
+const char* kProjections[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                              "self_attn.o_proj", "mlp.gate_proj",   "mlp.up_proj",
+                              "mlp.down_proj"};
+
+// Norms, softmax and the loss run in at least fp32 (fp64 stays fp64).
+at::ScalarType wide(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& g, double eps) {
+  at::Tensor xf = x.to(wide(x.scalar_type()));
+  at::Tensor normed = xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps);
+  return g * normed.to(x.scalar_type());
+}
+
+// cos and sin of p * theta_i for positions [pos, pos + T), laid out [T, d] as cat(f, f).
+std::pair<at::Tensor, at::Tensor> rope_tables(const LlamaConfig& c, int64_t pos, int64_t T,
+                                              const at::TensorOptions& opts) {
+  const int64_t d = c.head_dim();
+  at::Tensor inv = at::pow(c.rope_theta, -at::arange(0, d, 2, at::kDouble) / double(d));
+  at::Tensor angles = at::outer(at::arange(pos, pos + T, at::kDouble), inv);
+  angles = at::cat({angles, angles}, -1);
+  return {angles.cos().to(opts), angles.sin().to(opts)};
+}
+
+// x [B, H, T, d]: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1).
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  at::Tensor rot = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * cos + rot * sin;
+}
+
+// One projection: a dense weight, or a kernel that computes x W^T itself.
+struct Proj {
+  at::Tensor w;
+  const LinearKernel* kernel = nullptr;
+  at::Tensor operator()(const at::Tensor& x) const { return kernel ? kernel->forward(x) : at::linear(x, w); }
+};
+
+struct LayerParams {
+  at::Tensor attn_norm, mlp_norm;
+  Proj q, k, v, o, gate, up, down;
+};
+
+// A decoder layer. cache_k/cache_v ([B, n_kv, capacity, d]) are defined when decoding
+// incrementally; `pos` is then the position of the first of the T new tokens.
+at::Tensor decoder_layer(const LlamaConfig& c, const at::Tensor& x, const LayerParams& p,
+                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache_k,
+                         const at::Tensor& cache_v, int64_t pos) {
+  const int64_t B = x.size(0), T = x.size(1), H = c.n_heads, Hkv = c.n_kv_heads, d = c.head_dim();
+  at::Tensor a = rms_norm(x, p.attn_norm, c.norm_eps);
+  at::Tensor q = p.q(a).view({B, T, H, d}).transpose(1, 2);
+  at::Tensor k = p.k(a).view({B, T, Hkv, d}).transpose(1, 2);
+  at::Tensor v = p.v(a).view({B, T, Hkv, d}).transpose(1, 2);
+  q = apply_rope(q, cos, sin);
+  k = apply_rope(k, cos, sin);
+  if (cache_k.defined()) {
+    cache_k.narrow(2, pos, T).copy_(k);
+    cache_v.narrow(2, pos, T).copy_(v);
+    k = cache_k.narrow(2, 0, pos + T);
+    v = cache_v.narrow(2, 0, pos + T);
+  }
+  const int64_t S = k.size(2);
+  if (H != Hkv) {  // query head h reads kv head h / (H / Hkv)
+    k = k.repeat_interleave(H / Hkv, 1);
+    v = v.repeat_interleave(H / Hkv, 1);
+  }
+  // The [B, H, T, S] scores are the largest tensors here: scale q instead, mask in place.
+  at::Tensor scores = at::matmul(q * (1.0 / std::sqrt(double(d))), k.transpose(2, 3));
+  scores = scores.to(wide(scores.scalar_type()));
+  if (T > 1) {  // query t (absolute position pos + t) sees keys s <= pos + t
+    scores.masked_fill_(at::ones({T, S}, scores.options().dtype(at::kBool)).triu(pos + 1), -INFINITY);
+  }
+  at::Tensor attn = at::softmax(scores, -1).to(v.scalar_type());
+  at::Tensor ctx = at::matmul(attn, v).transpose(1, 2).reshape({B, T, H * d});
+  at::Tensor h = x + p.o(ctx);
+  at::Tensor m = rms_norm(h, p.mlp_norm, c.norm_eps);
+  return h + p.down(at::silu(p.gate(m)) * p.up(m));
+}
+
+// Gradient checkpointing: the forward runs the layer without recording a graph; the backward
+// runs it again with the graph and differentiates that. Inputs: the hidden state and the
+// layer's weight tensors (their gradients are returned too, so soft-clustered weights receive
+// theirs).
+using LayerFn = std::function<at::Tensor(const at::Tensor&, const std::vector<at::Tensor>&)>;
+
+struct LayerFnHolder : torch::CustomClassHolder {
+  LayerFn fn;
+};
+
+struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            at::TensorList weights, c10::intrusive_ptr<LayerFnHolder> fn) {
+    std::vector<at::Tensor> saved{x};
+    saved.insert(saved.end(), weights.begin(), weights.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["fn"] = c10::IValue::make_capsule(fn);
+    return fn->fn(x, weights.vec());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    c10::intrusive_ptr<torch::CustomClassHolder> capsule = ctx->saved_data["fn"].toCapsule();
+    const auto& fn = static_cast<LayerFnHolder*>(capsule.get())->fn;
+    at::AutoGradMode enable(true);
+    std::vector<at::Tensor> inputs;
+    for (const auto& t : saved) inputs.push_back(t.detach().requires_grad_(t.requires_grad()));
+    std::vector<at::Tensor> ws(inputs.begin() + 1, inputs.end());
+    at::Tensor out = fn(inputs[0], ws);
+    std::vector<at::Tensor> wrt;
+    for (const auto& t : inputs)
+      if (t.requires_grad()) wrt.push_back(t);
+    auto g = torch::autograd::grad({out}, wrt, {grads[0]}, false, false, true);
+    torch::autograd::variable_list result;
+    size_t j = 0;
+    for (const auto& t : inputs) result.push_back(t.requires_grad() ? g[j++] : at::Tensor());
+    result.push_back(at::Tensor());  // the layer function
+    return result;
+  }
+};
+
+}  // namespace
+
+std::string Llama::layer_name(int64_t layer, const std::string& leaf) {
+  return "model.layers." + std::to_string(layer) + "." + leaf;
+}
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> Llama::tensor_shapes(const LlamaConfig& c) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> s;
+  s.push_back({"model.embed_tokens.weight", {c.vocab_size, c.dim}});
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    s.push_back({layer_name(l, "input_layernorm.weight"), {c.dim}});
+    s.push_back({layer_name(l, "self_attn.q_proj.weight"), {c.dim, c.dim}});
+    s.push_back({layer_name(l, "self_attn.k_proj.weight"), {c.kv_dim(), c.dim}});
+    s.push_back({layer_name(l, "self_attn.v_proj.weight"), {c.kv_dim(), c.dim}});
+    s.push_back({layer_name(l, "self_attn.o_proj.weight"), {c.dim, c.dim}});
+    s.push_back({layer_name(l, "post_attention_layernorm.weight"), {c.dim}});
+    s.push_back({layer_name(l, "mlp.gate_proj.weight"), {c.hidden_dim, c.dim}});
+    s.push_back({layer_name(l, "mlp.up_proj.weight"), {c.hidden_dim, c.dim}});
+    s.push_back({layer_name(l, "mlp.down_proj.weight"), {c.dim, c.hidden_dim}});
+  }
+  s.push_back({"model.norm.weight", {c.dim}});
+  if (!c.tie_embeddings) s.push_back({"lm_head.weight", {c.vocab_size, c.dim}});
+  return s;
+}
+
+Llama::Llama(LlamaConfig cfg, std::map<std::string, at::Tensor> weights, const std::string& source)
+    : cfg_(std::move(cfg)), weights_(std::move(weights)) {
+  cfg_.validate(source);
+  // Older HF checkpoints carry the rotary inverse frequencies as buffers; they are derived.
+  for (auto it = weights_.begin(); it != weights_.end();) {
+    if (it->first.find("rotary_emb.inv_freq") != std::string::npos) it = weights_.erase(it);
+    else ++it;
+  }
+  auto shapes = tensor_shapes(cfg_);
+  for (const auto& [name, shape] : shapes) {
+    auto it = weights_.find(name);
+    if (it == weights_.end()) throw_input("{}: missing tensor '{}'", source, name);
+    if (it->second.sizes() != at::IntArrayRef(shape))
+      throw_input("{}: tensor '{}' has shape {}, expected {}", source, name,
+                  c10::str(it->second.sizes()), c10::str(at::IntArrayRef(shape)));
+    if (!at::isFloatingType(it->second.scalar_type()))
+      throw_input("{}: tensor '{}' has dtype {}, expected a floating-point dtype", source, name,
+                  c10::toString(it->second.scalar_type()));
+  }
+  if (weights_.size() != shapes.size()) {
+    for (const auto& [name, t] : weights_) {
+      bool known = false;
+      for (const auto& s : shapes) known |= s.first == name;
+      if (!known) throw_input("{}: unexpected tensor '{}' for this config", source, name);
+    }
+  }
+}
+
+Llama Llama::random(const LlamaConfig& cfg, at::ScalarType dtype, uint64_t seed) {
+  at::manual_seed(seed);
+  std::map<std::string, at::Tensor> w;
+  for (const auto& [name, shape] : tensor_shapes(cfg)) {
+    w[name] = shape.size() == 1 ? at::ones(shape, at::kFloat) : at::randn(shape, at::kFloat) * 0.02;
+    w[name] = w[name].to(dtype);
+  }
+  return Llama(cfg, std::move(w), "random model");
+}
+
+const at::Tensor& Llama::weight(const std::string& name) const {
+  auto it = weights_.find(name);
+  if (it == weights_.end()) throw_invalid("model has no tensor '{}'", name);
+  return it->second;
+}
+
+std::vector<std::string> Llama::projection_names() const {
+  std::vector<std::string> names;
+  for (int64_t l = 0; l < cfg_.n_layers; ++l)
+    for (const char* p : kProjections) names.push_back(layer_name(l, std::string(p) + ".weight"));
+  if (!cfg_.tie_embeddings) names.push_back("lm_head.weight");
+  names.push_back("model.embed_tokens.weight");
+  return names;
+}
+
+at::ScalarType Llama::dtype() const { return weight("model.embed_tokens.weight").scalar_type(); }
+at::Device Llama::device() const { return weight("model.embed_tokens.weight").device(); }
+
+void Llama::to(at::ScalarType dtype) {
+  for (auto& [name, t] : weights_) t = t.to(dtype);
+}
+
+void Llama::set_kernel(const std::string& name, std::shared_ptr<const LinearKernel> kernel) {
+  weight(name);  // must exist
+  kernels_[name] = std::move(kernel);
+}
+
+KVCache Llama::new_cache(int64_t batch, int64_t capacity) const {
+  auto opts = weight("model.embed_tokens.weight").options();
+  std::vector<int64_t> shape{cfg_.n_layers, batch, cfg_.n_kv_heads, capacity, cfg_.head_dim()};
+  return {at::zeros(shape, opts), at::zeros(shape, opts), 0};
+}
+
+at::Tensor Llama::proj(const std::string& name, const at::Tensor& x, const WeightOverrides* ov) const {
+  if (ov) {
+    auto it = ov->find(name);
+    if (it != ov->end()) return at::linear(x, it->second);
+  }
+  auto k = kernels_.find(name);
+  if (k != kernels_.end()) return k->second->forward(x);
+  return at::linear(x, weight(name));
+}
+
+at::Tensor Llama::forward(const at::Tensor& tokens, const ForwardOptions& opts) const {
+  return run(tokens, opts, nullptr);
+}
+
+at::Tensor Llama::forward(const at::Tensor& tokens, KVCache& cache) const {
+  if (tokens.dim() != 2 || tokens.size(0) != cache.k.size(1))
+    throw_invalid("tokens must be [batch={}, T], got {}", cache.k.size(1), c10::str(tokens.sizes()));
+  if (cache.pos + tokens.size(1) > cache.capacity())
+    throw_invalid("KV cache full: {} + {} tokens > capacity {}", cache.pos, tokens.size(1), cache.capacity());
+  at::Tensor logits = run(tokens, {}, &cache);
+  cache.pos += tokens.size(1);
+  return logits;
+}
+
+at::Tensor Llama::run(const at::Tensor& tokens, const ForwardOptions& opts, KVCache* cache) const {
+  if (tokens.dim() != 2) throw_invalid("tokens must be [batch, T], got {}", c10::str(tokens.sizes()));
+  const int64_t T = tokens.size(1), pos = cache ? cache->pos : 0;
+  if (T == 0) throw_invalid("empty token sequence");
+  if (pos + T > cfg_.max_seq_len)
+    throw_invalid("sequence of {} tokens exceeds the model's context of {}", pos + T, cfg_.max_seq_len);
+  const WeightOverrides* ov = opts.overrides;
+  auto w = [&](const std::string& name) -> const at::Tensor& {
+    if (ov) {
+      auto it = ov->find(name);
+      if (it != ov->end()) return it->second;
+    }
+    return weight(name);
+  };
+  at::Tensor h = at::embedding(w("model.embed_tokens.weight"), tokens);
+  auto [cos, sin] = rope_tables(cfg_, pos, T, h.options());
+
+  for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+    auto proj_of = [&](const char* leaf) {
+      const std::string name = layer_name(l, std::string(leaf) + ".weight");
+      Proj p;
+      auto k = kernels_.find(name);
+      if (k != kernels_.end() && !(ov && ov->count(name))) p.kernel = k->second.get();
+      else p.w = w(name);
+      return p;
+    };
+    LayerParams p{w(layer_name(l, "input_layernorm.weight")), w(layer_name(l, "post_attention_layernorm.weight")),
+                  proj_of(kProjections[0]), proj_of(kProjections[1]), proj_of(kProjections[2]),
+                  proj_of(kProjections[3]), proj_of(kProjections[4]), proj_of(kProjections[5]),
+                  proj_of(kProjections[6])};
+    at::Tensor ck = cache ? cache->k[l] : at::Tensor(), cv = cache ? cache->v[l] : at::Tensor();
+    const bool any_kernel = p.q.kernel || p.k.kernel || p.v.kernel || p.o.kernel || p.gate.kernel ||
+                            p.up.kernel || p.down.kernel;
+    if (opts.checkpoint_layers && !cache && !any_kernel && at::GradMode::is_enabled()) {
+      auto fn = c10::make_intrusive<LayerFnHolder>();
+      const LlamaConfig& c = cfg_;
+      fn->fn = [&c, cos = cos, sin = sin](const at::Tensor& x, const std::vector<at::Tensor>& t) {
+        LayerParams q{t[0], t[1], {t[2]}, {t[3]}, {t[4]}, {t[5]}, {t[6]}, {t[7]}, {t[8]}};
+        return decoder_layer(c, x, q, cos, sin, {}, {}, 0);
+      };
+      // Passed as a TensorList so that autograd sees (and routes gradients to) each weight.
+      const std::vector<at::Tensor> ws{p.attn_norm, p.mlp_norm, p.q.w, p.k.w, p.v.w, p.o.w, p.gate.w, p.up.w, p.down.w};
+      h = CheckpointedLayer::apply(h, at::TensorList(ws), fn);
+    } else {
+      h = decoder_layer(cfg_, h, p, cos, sin, ck, cv, pos);
+    }
+  }
+  h = rms_norm(h, w("model.norm.weight"), cfg_.norm_eps);
+  return proj(cfg_.tie_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", h, ov);
+}
+
+at::Tensor next_token_loss(const at::Tensor& logits, const at::Tensor& targets) {
+  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(wide(logits.scalar_type())),
+                                targets.reshape({-1}), {}, at::Reduction::Mean, -100);
+}
+
+}  // namespace edkm

@@ -1,0 +1,92 @@
+// model: a LLaMA-family decoder in libtorch, with training forward (differentiable, optional
+// per-layer gradient checkpointing) and an inference path with a KV cache.
+//
+// Weights are kept by their Hugging Face names (model.layers.3.self_attn.q_proj.weight, ...)
+// in Hugging Face layout (rotary embeddings rotate the two halves of each head, "rotate_half";
+// llama2.c / Meta checkpoints are permuted into it when loaded).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "model/config.h"
+
+namespace edkm {
+
+// Substitutes some weights in one forward pass (DKM's soft-clustered projections).
+using WeightOverrides = std::unordered_map<std::string, at::Tensor>;
+
+// A projection computed by something other than a dense matmul (packed palette kernels).
+class LinearKernel {
+ public:
+  virtual ~LinearKernel() = default;
+  // x [..., in] -> [..., out]
+  virtual at::Tensor forward(const at::Tensor& x) const = 0;
+};
+
+struct ForwardOptions {
+  const WeightOverrides* overrides = nullptr;
+  // Recompute each decoder layer in backward instead of keeping its activations.
+  bool checkpoint_layers = false;
+};
+
+// Keys and values of every layer for incremental decoding.
+struct KVCache {
+  at::Tensor k, v;   // [n_layers, batch, n_kv_heads, capacity, head_dim]
+  int64_t pos = 0;   // tokens already in the cache
+  int64_t capacity() const { return k.size(3); }
+};
+
+class Llama {
+ public:
+  // Checks that `weights` holds exactly the tensors of `cfg` (names and shapes); `source` names
+  // the file in errors. Tensors are used as given (dtype and device).
+  Llama(LlamaConfig cfg, std::map<std::string, at::Tensor> weights, const std::string& source);
+
+  // Random initialisation (N(0, 0.02), norms 1) for tests and benchmarks.
+  static Llama random(const LlamaConfig& cfg, at::ScalarType dtype, uint64_t seed);
+
+  // Canonical names and shapes, in a fixed order (embeddings, layers, final norm, classifier).
+  static std::vector<std::pair<std::string, std::vector<int64_t>>> tensor_shapes(const LlamaConfig& cfg);
+  static std::string layer_name(int64_t layer, const std::string& leaf);
+
+  const LlamaConfig& config() const { return cfg_; }
+  const std::map<std::string, at::Tensor>& weights() const { return weights_; }
+  std::map<std::string, at::Tensor>& weights() { return weights_; }
+  const at::Tensor& weight(const std::string& name) const;
+  // The linear projections (q, k, v, o, gate, up, down of every layer), then the classifier
+  // (lm_head, or the tied embedding) and the embedding table.
+  std::vector<std::string> projection_names() const;
+  at::ScalarType dtype() const;
+  at::Device device() const;
+  // Casts every weight (norms included) to dtype.
+  void to(at::ScalarType dtype);
+
+  // Computes this projection with `kernel` instead of its dense weight.
+  void set_kernel(const std::string& name, std::shared_ptr<const LinearKernel> kernel);
+
+  // tokens [B, T] int64 -> logits [B, T, vocab] in the model's dtype; differentiable.
+  at::Tensor forward(const at::Tensor& tokens, const ForwardOptions& opts = {}) const;
+  // Incremental decoding: appends tokens [B, T] at cache.pos and returns their logits.
+  at::Tensor forward(const at::Tensor& tokens, KVCache& cache) const;
+  KVCache new_cache(int64_t batch, int64_t capacity) const;
+
+ private:
+  at::Tensor run(const at::Tensor& tokens, const ForwardOptions& opts, KVCache* cache) const;
+  at::Tensor proj(const std::string& name, const at::Tensor& x, const WeightOverrides* ov) const;
+
+  LlamaConfig cfg_;
+  std::map<std::string, at::Tensor> weights_;
+  std::unordered_map<std::string, std::shared_ptr<const LinearKernel>> kernels_;
+};
+
+// Mean cross-entropy (nats) of logits [B, T, V] against targets [B, T]; targets equal to -100
+// (PyTorch's ignore_index) are ignored. Computed in fp32 (fp64 for fp64 logits).
+at::Tensor next_token_loss(const at::Tensor& logits, const at::Tensor& targets);
+
+}  // namespace edkm

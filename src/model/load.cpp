@@ -1,0 +1,41 @@
+#include "model/load.h"
+
+#include <filesystem>
+
+#include "common/error.h"
+#include "model/io/hf.h"
+#include "model/io/llama2c.h"
+
+namespace fs = std::filesystem;
+
+namespace edkm {
+
+LoadedModel load_model(const std::string& path, const std::string& tokenizer, bool require_tokenizer) {
+  if (!fs::exists(path)) throw_input("{}: no such file or directory", path);
+  const bool dir = fs::is_directory(path);
+  Llama model = dir ? load_hf_dir(path) : load_llama2c(path);
+  const int vocab = static_cast<int>(model.config().vocab_size);
+  std::string tok = tokenizer;
+  if (tok.empty()) {
+    const fs::path base = dir ? fs::path(path) : fs::path(path).parent_path();
+    std::vector<std::string> names = {"tokenizer.model", "tokenizer.bin"};
+    if (!dir) names = {"tokenizer.bin", "tok" + std::to_string(vocab) + ".bin", "tokenizer.model"};
+    for (const auto& n : names)
+      if (fs::exists(base / n)) {
+        tok = (base / n).string();
+        break;
+      }
+  }
+  LoadedModel out{std::move(model), nullptr};
+  if (!tok.empty()) {
+    out.tokenizer = load_tokenizer(tok, vocab);
+    if (out.tokenizer->vocab_size() != vocab)
+      throw_input("{}: tokenizer has {} tokens but the model {} has {}", tok, out.tokenizer->vocab_size(), path, vocab);
+  } else if (require_tokenizer) {
+    throw_input("{}: no tokenizer found (looked for tokenizer.model / tokenizer.bin{}); pass --tokenizer", path,
+                dir ? "" : fmt::format(" / tok{}.bin beside it", vocab));
+  }
+  return out;
+}
+
+}  // namespace edkm
