@@ -125,14 +125,14 @@ TEST(Loaders, QuantizedV2Checkpoint) {
   std::memcpy(&h[37], &gs, 4);
   std::string body;
   auto put = [&](const at::Tensor& t) { body.append(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size()); };
-  for (int64_t l = 0; l < c.n_layers; ++l) put(a.model.weight(Llama::layer_name(l, "input_layernorm.weight")));
-  for (int64_t l = 0; l < c.n_layers; ++l) put(a.model.weight(Llama::layer_name(l, "post_attention_layernorm.weight")));
+  for (int64_t l = 0; l < c.n_layers; ++l) put(a.model.weight(layer_tensor_name(l, "input_layernorm.weight")));
+  for (int64_t l = 0; l < c.n_layers; ++l) put(a.model.weight(layer_tensor_name(l, "post_attention_layernorm.weight")));
   put(a.model.weight("model.norm.weight"));
   std::vector<at::Tensor> mats{a.model.weight("model.embed_tokens.weight")};
   for (const char* leaf : {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                            "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.down_proj.weight", "mlp.up_proj.weight"})
     for (int64_t l = 0; l < c.n_layers; ++l) {
-      at::Tensor w = a.model.weight(Llama::layer_name(l, leaf));
+      at::Tensor w = a.model.weight(layer_tensor_name(l, leaf));
       if (std::string(leaf).find("q_proj") != std::string::npos) w = hf_to_meta_rows(w, c.n_heads);
       if (std::string(leaf).find("k_proj") != std::string::npos) w = hf_to_meta_rows(w, c.n_kv_heads);
       mats.push_back(w.contiguous());

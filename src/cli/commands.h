@@ -14,5 +14,8 @@ void register_commands(CLI::App& app);
 void run_selected(CLI::App& app);
 
 void register_bench(CLI::App& app);
+void register_generate(CLI::App& app);
+void register_perplexity(CLI::App& app);
+void register_convert(CLI::App& app);
 
 }  // namespace edkm::cli

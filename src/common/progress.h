@@ -12,6 +12,7 @@ class Progress {
  public:
   Progress(std::string label, int64_t total, bool quiet = false, double log_every = 10.0);
   ~Progress();
+  void set_total(int64_t total) { total_ = total; }
   // Sets the count done so far and a free-form status (e.g. "loss 1.234").
   void update(int64_t done, const std::string& status = "");
   // Final line: total time and the status.

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace edkm {
 
@@ -32,5 +34,11 @@ struct LlamaConfig {
   static LlamaConfig from_hf(const nlohmann::json& j, const std::string& source);
   nlohmann::json to_hf() const;
 };
+
+// Hugging Face tensor names: "model.layers.<layer>.<leaf>".
+std::string layer_tensor_name(int64_t layer, const std::string& leaf);
+// Every tensor of a model with this config, by canonical name and shape, in a fixed order
+// (embeddings, each layer, final norm, classifier when untied).
+std::vector<std::pair<std::string, std::vector<int64_t>>> tensor_shapes(const LlamaConfig& c);
 
 }  // namespace edkm

@@ -148,29 +148,6 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
 
 }  // namespace
 
-std::string Llama::layer_name(int64_t layer, const std::string& leaf) {
-  return "model.layers." + std::to_string(layer) + "." + leaf;
-}
-
-std::vector<std::pair<std::string, std::vector<int64_t>>> Llama::tensor_shapes(const LlamaConfig& c) {
-  std::vector<std::pair<std::string, std::vector<int64_t>>> s;
-  s.push_back({"model.embed_tokens.weight", {c.vocab_size, c.dim}});
-  for (int64_t l = 0; l < c.n_layers; ++l) {
-    s.push_back({layer_name(l, "input_layernorm.weight"), {c.dim}});
-    s.push_back({layer_name(l, "self_attn.q_proj.weight"), {c.dim, c.dim}});
-    s.push_back({layer_name(l, "self_attn.k_proj.weight"), {c.kv_dim(), c.dim}});
-    s.push_back({layer_name(l, "self_attn.v_proj.weight"), {c.kv_dim(), c.dim}});
-    s.push_back({layer_name(l, "self_attn.o_proj.weight"), {c.dim, c.dim}});
-    s.push_back({layer_name(l, "post_attention_layernorm.weight"), {c.dim}});
-    s.push_back({layer_name(l, "mlp.gate_proj.weight"), {c.hidden_dim, c.dim}});
-    s.push_back({layer_name(l, "mlp.up_proj.weight"), {c.hidden_dim, c.dim}});
-    s.push_back({layer_name(l, "mlp.down_proj.weight"), {c.dim, c.hidden_dim}});
-  }
-  s.push_back({"model.norm.weight", {c.dim}});
-  if (!c.tie_embeddings) s.push_back({"lm_head.weight", {c.vocab_size, c.dim}});
-  return s;
-}
-
 Llama::Llama(LlamaConfig cfg, std::map<std::string, at::Tensor> weights, const std::string& source)
     : cfg_(std::move(cfg)), weights_(std::move(weights)) {
   cfg_.validate(source);
@@ -218,7 +195,7 @@ const at::Tensor& Llama::weight(const std::string& name) const {
 std::vector<std::string> Llama::projection_names() const {
   std::vector<std::string> names;
   for (int64_t l = 0; l < cfg_.n_layers; ++l)
-    for (const char* p : kProjections) names.push_back(layer_name(l, std::string(p) + ".weight"));
+    for (const char* p : kProjections) names.push_back(layer_tensor_name(l, std::string(p) + ".weight"));
   if (!cfg_.tie_embeddings) names.push_back("lm_head.weight");
   names.push_back("model.embed_tokens.weight");
   return names;
@@ -229,6 +206,10 @@ at::Device Llama::device() const { return weight("model.embed_tokens.weight").de
 
 void Llama::to(at::ScalarType dtype) {
   for (auto& [name, t] : weights_) t = t.to(dtype);
+}
+
+void Llama::to(at::Device device) {
+  for (auto& [name, t] : weights_) t = t.to(device);
 }
 
 void Llama::set_kernel(const std::string& name, std::shared_ptr<const LinearKernel> kernel) {
@@ -285,14 +266,14 @@ at::Tensor Llama::run(const at::Tensor& tokens, const ForwardOptions& opts, KVCa
 
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
     auto proj_of = [&](const char* leaf) {
-      const std::string name = layer_name(l, std::string(leaf) + ".weight");
+      const std::string name = layer_tensor_name(l, std::string(leaf) + ".weight");
       Proj p;
       auto k = kernels_.find(name);
       if (k != kernels_.end() && !(ov && ov->count(name))) p.kernel = k->second.get();
       else p.w = w(name);
       return p;
     };
-    LayerParams p{w(layer_name(l, "input_layernorm.weight")), w(layer_name(l, "post_attention_layernorm.weight")),
+    LayerParams p{w(layer_tensor_name(l, "input_layernorm.weight")), w(layer_tensor_name(l, "post_attention_layernorm.weight")),
                   proj_of(kProjections[0]), proj_of(kProjections[1]), proj_of(kProjections[2]),
                   proj_of(kProjections[3]), proj_of(kProjections[4]), proj_of(kProjections[5]),
                   proj_of(kProjections[6])};

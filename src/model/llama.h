@@ -51,10 +51,6 @@ class Llama {
   // Random initialisation (N(0, 0.02), norms 1) for tests and benchmarks.
   static Llama random(const LlamaConfig& cfg, at::ScalarType dtype, uint64_t seed);
 
-  // Canonical names and shapes, in a fixed order (embeddings, layers, final norm, classifier).
-  static std::vector<std::pair<std::string, std::vector<int64_t>>> tensor_shapes(const LlamaConfig& cfg);
-  static std::string layer_name(int64_t layer, const std::string& leaf);
-
   const LlamaConfig& config() const { return cfg_; }
   const std::map<std::string, at::Tensor>& weights() const { return weights_; }
   std::map<std::string, at::Tensor>& weights() { return weights_; }
@@ -64,8 +60,9 @@ class Llama {
   std::vector<std::string> projection_names() const;
   at::ScalarType dtype() const;
   at::Device device() const;
-  // Casts every weight (norms included) to dtype.
+  // Casts every weight (norms included) to dtype / moves them to device.
   void to(at::ScalarType dtype);
+  void to(at::Device device);
 
   // Computes this projection with `kernel` instead of its dense weight.
   void set_kernel(const std::string& name, std::shared_ptr<const LinearKernel> kernel);

@@ -62,7 +62,7 @@ void save_hf_dir(const Llama& model, const std::string& dir, at::ScalarType dtyp
   nlohmann::json cj = model.config().to_hf();
   cj["torch_dtype"] = dtype == at::kBFloat16 ? "bfloat16" : dtype == at::kHalf ? "float16" : "float32";
   std::vector<std::pair<std::string, at::Tensor>> tensors;
-  for (const auto& [name, shape] : Llama::tensor_shapes(model.config()))
+  for (const auto& [name, shape] : tensor_shapes(model.config()))
     tensors.emplace_back(name, model.weight(name).to(dtype));
   safetensors::write((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
   write_file_atomic((fs::path(dir) / "config.json").string(), cj.dump(2) + "\n");

@@ -3,68 +3,15 @@
 #include <ATen/ATen.h>
 
 #include <cstring>
-#include <fstream>
 #include <limits>
 
 #include "common/atomic_file.h"
 #include "common/error.h"
+#include "model/io/llama2c_layout.h"
 
 namespace edkm {
-namespace {
 
-constexpr uint32_t kMagic = 0x616b3432;  // "ak42"
-constexpr uint64_t kHeaderV1 = 256;
-
-int32_t read_i32(std::string_view f, size_t off) {
-  int32_t v;
-  std::memcpy(&v, f.data() + off, 4);
-  return v;
-}
-
-// The matrices in checkpoint order, with the per-layer blocks of each kind together:
-// embeddings, then wq x L, wk x L, wv x L, wo x L, w1 x L, w2 x L, w3 x L.
-struct Block {
-  const char* leaf;  // HF name within a layer, or a full name for embeddings
-  bool per_layer;
-};
-const Block kMatrices[] = {{"model.embed_tokens.weight", false}, {"self_attn.q_proj.weight", true},
-                           {"self_attn.k_proj.weight", true},    {"self_attn.v_proj.weight", true},
-                           {"self_attn.o_proj.weight", true},    {"mlp.gate_proj.weight", true},
-                           {"mlp.down_proj.weight", true},       {"mlp.up_proj.weight", true}};
-
-std::vector<std::string> matrix_names(const LlamaConfig& c, bool shared) {
-  std::vector<std::string> names;
-  for (const Block& b : kMatrices) {
-    if (!b.per_layer) names.push_back(b.leaf);
-    else
-      for (int64_t l = 0; l < c.n_layers; ++l) names.push_back(Llama::layer_name(l, b.leaf));
-  }
-  if (!shared) names.push_back("lm_head.weight");
-  return names;
-}
-
-std::vector<int64_t> shape_of(const LlamaConfig& c, const std::string& name) {
-  for (const auto& [n, s] : Llama::tensor_shapes(c))
-    if (n == name) return s;
-  if (name == "lm_head.weight") return {c.vocab_size, c.dim};
-  throw_invalid("no tensor {}", name);
-}
-
-int64_t numel(const std::vector<int64_t>& s) {
-  int64_t n = 1;
-  for (int64_t d : s) n *= d;
-  return n;
-}
-
-std::vector<std::string> norm_names(const LlamaConfig& c) {
-  std::vector<std::string> n;
-  for (int64_t l = 0; l < c.n_layers; ++l) n.push_back(Llama::layer_name(l, "input_layernorm.weight"));
-  for (int64_t l = 0; l < c.n_layers; ++l) n.push_back(Llama::layer_name(l, "post_attention_layernorm.weight"));
-  n.push_back("model.norm.weight");
-  return n;
-}
-
-}  // namespace
+using namespace llama2c;
 
 at::Tensor meta_to_hf_rows(const at::Tensor& w, int64_t n_heads) {
   const int64_t rows = w.size(0), cols = w.size(1);
@@ -74,75 +21,6 @@ at::Tensor meta_to_hf_rows(const at::Tensor& w, int64_t n_heads) {
 at::Tensor hf_to_meta_rows(const at::Tensor& w, int64_t n_heads) {
   const int64_t rows = w.size(0), cols = w.size(1);
   return w.reshape({n_heads, 2, rows / n_heads / 2, cols}).transpose(1, 2).reshape({rows, cols});
-}
-
-Llama2cHeader parse_llama2c_header(std::string_view f, uint64_t file_size, const std::string& source) {
-  Llama2cHeader h;
-  if (f.size() < 28) throw_input("{}: truncated llama2.c checkpoint ({} bytes, smaller than any header)", source, f.size());
-  size_t params = 0;
-  uint32_t magic;
-  std::memcpy(&magic, f.data(), 4);
-  if (magic == kMagic) {
-    if (f.size() < kHeaderV1) throw_input("{}: truncated llama2.c header ({} of 256 bytes)", source, f.size());
-    h.version = read_i32(f, 4);
-    if (h.version != 1 && h.version != 2)
-      throw_input("{}: llama2.c checkpoint version {} is not supported (expected 1 or 2)", source, h.version);
-    params = 8;
-    h.header_bytes = kHeaderV1;
-  } else {
-    h.version = 0;
-    h.header_bytes = 28;
-  }
-  const char* names[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"};
-  int64_t v[7];
-  for (int i = 0; i < 7; ++i) v[i] = read_i32(f, params + 4 * i);
-  if (h.version == 0) {
-    h.shared_classifier = v[5] > 0;
-    v[5] = std::abs(v[5]);
-  } else {
-    const uint8_t flag = static_cast<uint8_t>(f[params + 28]);
-    if (flag > 1) throw_input("{}: shared_classifier flag is {}, expected 0 or 1", source, flag);
-    h.shared_classifier = flag == 1;
-  }
-  // Bound every field before any arithmetic: a lying header must not overflow the size check.
-  const int64_t limits[] = {1 << 16, 1 << 20, 1 << 10, 1 << 10, 1 << 10, 1 << 22, 1 << 22};
-  for (int i = 0; i < 7; ++i)
-    if (v[i] <= 0 || v[i] > limits[i])
-      throw_input("{}: header field {} = {} is out of range (1..{})", source, names[i], v[i], limits[i]);
-  LlamaConfig& c = h.config;
-  c.dim = v[0], c.hidden_dim = v[1], c.n_layers = v[2], c.n_heads = v[3], c.n_kv_heads = v[4];
-  c.vocab_size = v[5], c.max_seq_len = v[6];
-  c.tie_embeddings = h.shared_classifier;
-  c.norm_eps = 1e-5;  // llama2.c's RMSNorm epsilon
-  c.validate(source);
-
-  uint64_t floats = 0, int8s = 0;
-  const std::vector<std::string> mats = matrix_names(c, h.shared_classifier);
-  for (const auto& n : norm_names(c)) floats += numel(shape_of(c, n));
-  uint64_t matrix_elems = 0;
-  for (const auto& n : mats) matrix_elems += numel(shape_of(c, n));
-  if (h.version == 2) {
-    h.group_size = read_i32(f, params + 29);
-    if (h.group_size <= 0 || h.group_size > (1 << 20))
-      throw_input("{}: group_size {} is out of range", source, h.group_size);
-    for (const auto& n : mats)
-      if (numel(shape_of(c, n)) % h.group_size != 0)
-        throw_input("{}: {} has {} weights, not a multiple of group_size {}", source, n, numel(shape_of(c, n)), h.group_size);
-    int8s = matrix_elems;
-    floats += matrix_elems / h.group_size;
-  } else {
-    floats += matrix_elems;
-    if (h.version == 0) floats += uint64_t(c.max_seq_len) * c.head_dim();  // RoPE cos and sin tables
-  }
-  h.expected_size = h.header_bytes + 4 * floats + int8s;
-  if (file_size < h.expected_size)
-    throw_input("{}: truncated llama2.c checkpoint: the header (v{}, dim {}, {} layers, vocab {}) implies {} bytes, "
-                "the file has {}", source, h.version, c.dim, c.n_layers, c.vocab_size, h.expected_size, file_size);
-  if (file_size > h.expected_size)
-    throw_input("{}: the header (v{}, dim {}, {} layers, vocab {}) implies {} bytes but the file has {}: "
-                "wrong header or trailing data", source, h.version, c.dim, c.n_layers, c.vocab_size,
-                h.expected_size, file_size);
-  return h;
 }
 
 Llama load_llama2c(const std::string& path) {
@@ -166,7 +44,7 @@ Llama load_llama2c(const std::string& path) {
     w["model.embed_tokens.weight"] = take_f32(shape_of(c, "model.embed_tokens.weight"));
     auto layers = [&](const std::string& leaf) {
       for (int64_t l = 0; l < c.n_layers; ++l) {
-        std::string n = Llama::layer_name(l, leaf);
+        std::string n = layer_tensor_name(l, leaf);
         w[n] = take_f32(shape_of(c, n));
       }
     };
@@ -197,8 +75,8 @@ Llama load_llama2c(const std::string& path) {
     }
   }
   for (int64_t l = 0; l < c.n_layers; ++l) {
-    auto& wq = w[Llama::layer_name(l, "self_attn.q_proj.weight")];
-    auto& wk = w[Llama::layer_name(l, "self_attn.k_proj.weight")];
+    auto& wq = w[layer_tensor_name(l, "self_attn.q_proj.weight")];
+    auto& wk = w[layer_tensor_name(l, "self_attn.k_proj.weight")];
     wq = meta_to_hf_rows(wq, c.n_heads);
     wk = meta_to_hf_rows(wk, c.n_kv_heads);
   }

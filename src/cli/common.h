@@ -1,0 +1,34 @@
+// Options and helpers shared by the commands.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json_fwd.hpp>
+
+#include <string>
+
+#include "model/load.h"
+
+namespace edkm::cli {
+
+struct ModelArgs {
+  std::string model;
+  std::string tokenizer;
+  std::string dtype = "auto";   // auto | fp32 | bf16 | fp16
+  std::string device = "auto";  // auto | cpu | cuda | cuda:N
+};
+
+// --model (required), --tokenizer, --dtype, --device.
+void add_model_args(CLI::App* cmd, ModelArgs& args);
+
+// Loads the model (and tokenizer if required), casts and moves it, and prints a one-line
+// summary to stderr. dtype auto: bf16 files stay bf16, everything else runs in fp32 (fp16 has
+// no CPU kernels in libtorch 1.13).
+LoadedModel load_for_inference(const ModelArgs& args, bool require_tokenizer = true);
+
+at::ScalarType parse_dtype(const std::string& s);
+at::Device parse_device(const std::string& s);
+
+// Prints JSON to stdout (indented), for --json.
+void print_json(const nlohmann::json& j);
+
+}  // namespace edkm::cli
