@@ -48,4 +48,28 @@ DKMBenchResult run_dkm_bench(const DKMBenchOptions& opts);
 std::string format_table(const DKMBenchResult& r);
 nlohmann::json to_json(const DKMBenchResult& r);
 
+// `edkm bench model`: training forward + backward throughput, fp32 beside bf16.
+struct ModelBenchOptions {
+  int reps = 3;
+  std::string stories260k;  // path to stories260K.bin ("" = skip that row)
+};
+
+struct ModelBenchRow {
+  std::string model;   // "4-layer dim-512 (random)" or "stories260K"
+  std::string dtype;
+  int64_t batch = 0, seq = 0;
+  double seconds = 0;  // one forward + backward
+  double tokens_per_second() const { return batch * seq / seconds; }
+};
+
+struct ModelBenchResult {
+  int threads = 0;
+  int reps = 0;
+  std::vector<ModelBenchRow> rows;
+};
+
+ModelBenchResult run_model_bench(const ModelBenchOptions& opts);
+std::string format_table(const ModelBenchResult& r);
+nlohmann::json to_json(const ModelBenchResult& r);
+
 }  // namespace edkm::bench

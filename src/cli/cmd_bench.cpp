@@ -31,6 +31,21 @@ void register_bench(CLI::App& app) {
     else
       std::cout << bench::format_table(r);
   });
+
+  auto* model = bench->add_subcommand("model", "Training-step tokens/s: a 4-layer dim-512 LLaMA and stories260K, fp32 vs bf16");
+  auto mopts = std::make_shared<bench::ModelBenchOptions>();
+  mopts->stories260k = std::string(EDKM_DEFAULT_ASSETS) + "/models/stories260K/stories260K.bin";
+  auto mjson = std::make_shared<bool>(false);
+  model->add_option("--reps", mopts->reps, "Timed repetitions (the best is reported)")->check(CLI::Range(1, 100));
+  model->add_option("--stories260k", mopts->stories260k, "stories260K.bin (empty: skip)");
+  model->add_flag("--json", *mjson, "Print the results as JSON");
+  add_runner(model, [mopts, mjson] {
+    bench::ModelBenchResult r = bench::run_model_bench(*mopts);
+    if (*mjson)
+      std::cout << bench::to_json(r).dump(2) << "\n";
+    else
+      std::cout << bench::format_table(r);
+  });
 }
 
 }  // namespace edkm::cli

@@ -27,6 +27,7 @@ Llama load_llama2c(const std::string& path) {
   std::string bytes = read_file(path);
   Llama2cHeader h = parse_llama2c_header(bytes, bytes.size(), path);
   const LlamaConfig& c = h.config;
+  const auto shape = shapes(c);
   uint64_t off = h.header_bytes;
   auto take_f32 = [&](const std::vector<int64_t>& shape) {
     at::Tensor t = at::empty(shape, at::kFloat);
@@ -37,15 +38,15 @@ Llama load_llama2c(const std::string& path) {
   std::map<std::string, at::Tensor> w;
   const std::vector<std::string> mats = matrix_names(c, h.shared_classifier);
   auto read_norms = [&] {
-    for (const auto& n : norm_names(c)) w[n] = take_f32(shape_of(c, n));
+    for (const auto& n : norm_names(c)) w[n] = take_f32(shape.at(n));
   };
   if (h.version == 0) {
     // embeddings, attention norms, wq, wk, wv, wo, ffn norms, w1, w2, w3, final norm, RoPE, [cls]
-    w["model.embed_tokens.weight"] = take_f32(shape_of(c, "model.embed_tokens.weight"));
+    w["model.embed_tokens.weight"] = take_f32(shape.at("model.embed_tokens.weight"));
     auto layers = [&](const std::string& leaf) {
       for (int64_t l = 0; l < c.n_layers; ++l) {
         std::string n = layer_tensor_name(l, leaf);
-        w[n] = take_f32(shape_of(c, n));
+        w[n] = take_f32(shape.at(n));
       }
     };
     layers("input_layernorm.weight");
@@ -59,12 +60,12 @@ Llama load_llama2c(const std::string& path) {
     if (!h.shared_classifier) w["lm_head.weight"] = take_f32({c.vocab_size, c.dim});
   } else if (h.version == 1) {
     read_norms();
-    for (const auto& n : mats) w[n] = take_f32(shape_of(c, n));
+    for (const auto& n : mats) w[n] = take_f32(shape.at(n));
   } else {
     read_norms();
     std::vector<at::Tensor> q;
     for (const auto& n : mats) {
-      at::Tensor t = at::empty(shape_of(c, n), at::kChar);
+      at::Tensor t = at::empty(shape.at(n), at::kChar);
       std::memcpy(t.data_ptr(), bytes.data() + off, t.numel());
       off += t.numel();
       q.push_back(t);

@@ -29,11 +29,11 @@ std::vector<std::string> matrix_names(const LlamaConfig& c, bool shared) {
   return names;
 }
 
-std::vector<int64_t> shape_of(const LlamaConfig& c, const std::string& name) {
-  for (const auto& [n, s] : tensor_shapes(c))
-    if (n == name) return s;
-  if (name == "lm_head.weight") return {c.vocab_size, c.dim};
-  throw_invalid("no tensor {}", name);
+std::map<std::string, std::vector<int64_t>> shapes(const LlamaConfig& c) {
+  const auto all = tensor_shapes(c);
+  std::map<std::string, std::vector<int64_t>> m(all.begin(), all.end());
+  m["lm_head.weight"] = {c.vocab_size, c.dim};
+  return m;
 }
 
 int64_t numel(const std::vector<int64_t>& s) {
@@ -103,17 +103,18 @@ Llama2cHeader parse_llama2c_header(std::string_view f, uint64_t file_size, const
   c.validate(source);
 
   uint64_t floats = 0, int8s = 0;
+  const auto shape = shapes(c);
   const std::vector<std::string> mats = matrix_names(c, h.shared_classifier);
-  for (const auto& n : norm_names(c)) floats += numel(shape_of(c, n));
+  for (const auto& n : norm_names(c)) floats += numel(shape.at(n));
   uint64_t matrix_elems = 0;
-  for (const auto& n : mats) matrix_elems += numel(shape_of(c, n));
+  for (const auto& n : mats) matrix_elems += numel(shape.at(n));
   if (h.version == 2) {
     h.group_size = read_i32(f, params + 29);
     if (h.group_size <= 0 || h.group_size > (1 << 20))
       throw_input("{}: group_size {} is out of range", source, h.group_size);
     for (const auto& n : mats)
-      if (numel(shape_of(c, n)) % h.group_size != 0)
-        throw_input("{}: {} has {} weights, not a multiple of group_size {}", source, n, numel(shape_of(c, n)), h.group_size);
+      if (numel(shape.at(n)) % h.group_size != 0)
+        throw_input("{}: {} has {} weights, not a multiple of group_size {}", source, n, numel(shape.at(n)), h.group_size);
     int8s = matrix_elems;
     floats += matrix_elems / h.group_size;
   } else {

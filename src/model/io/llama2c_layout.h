@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -17,7 +18,8 @@ constexpr uint64_t kHeaderV1 = 256;
 std::vector<std::string> matrix_names(const LlamaConfig& c, bool shared_classifier);
 // The RMSNorm gains in v1/v2 order: attention x L, MLP x L, final.
 std::vector<std::string> norm_names(const LlamaConfig& c);
-std::vector<int64_t> shape_of(const LlamaConfig& c, const std::string& name);
+// Every tensor's shape by name (the classifier included, tied or not).
+std::map<std::string, std::vector<int64_t>> shapes(const LlamaConfig& c);
 int64_t numel(const std::vector<int64_t>& shape);
 
 }  // namespace edkm::llama2c

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets with clang (build-fuzz/) and runs each for SECONDS (default 30)
+# from seeds made of real headers. Exits non-zero if a fuzzer finds a crash.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-30}
+assets=${EDKM_ASSETS:-../shared/assets}
+cmake -S fuzz -B build-fuzz -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake --build build-fuzz
+
+le64() {  # the little-endian 8-byte encoding of $1
+  local n=$1 out="" i
+  for i in 0 1 2 3 4 5 6 7; do out+=$(printf '\\x%02x' $(((n >> (8 * i)) & 255))); done
+  printf "$out"
+}
+corpus=build-fuzz/corpus
+rm -rf "$corpus" && mkdir -p "$corpus/safetensors" "$corpus/llama2c"
+json='{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"__metadata__":{"format":"pt"}}'
+{ le64 ${#json}; printf '%s' "$json"; head -c 8 /dev/zero; } > "$corpus/safetensors/seed1"
+stories=$assets/models/stories260K/stories260K.bin
+{ le64 "$(stat -c %s "$stories")"; head -c 28 "$stories"; } > "$corpus/llama2c/v0"
+# v1: magic "ak42" (0x616b3432 little-endian), version 1, the same 7 ints, shared flag, padding
+{ le64 1056540; printf '\x32\x34\x6b\x61\x01\x00\x00\x00'; head -c 28 "$stories"; printf '\x01'; head -c 219 /dev/zero; } > "$corpus/llama2c/v1"
+
+for target in safetensors llama2c; do
+  echo "fuzz: $target for ${seconds}s"
+  ./build-fuzz/fuzz_$target -max_total_time="$seconds" -print_final_stats=1 -artifact_prefix=build-fuzz/crash-$target- \
+    "$corpus/$target" 2>&1 | tail -n 4
+done
