@@ -95,7 +95,7 @@ TEST(Stories260K, ValidationLossMatchesPublishedFigure) {
 TEST(Loaders, Llama2cAndConvertedHfDirectoryGiveIdenticalLogits) {
   test::TempDir tmp;
   LoadedModel a = load_model(test::asset(kStories));
-  save_hf_dir(a.model, tmp / "hf", at::kFloat, a.tokenizer->path());
+  save_hf_dir(a.model, tmp / "hf", at::kFloat, a.tokenizer.get());
   LoadedModel b = load_model(tmp / "hf");
   at::Tensor x = at::randint(0, 512, {2, 40}, at::kLong);
   at::NoGradGuard g;
@@ -103,7 +103,7 @@ TEST(Loaders, Llama2cAndConvertedHfDirectoryGiveIdenticalLogits) {
   EXPECT_EQ(b.tokenizer->encode("Once upon a time", true, false), a.tokenizer->encode("Once upon a time", true, false));
   // And back to llama2.c (v1): the same weights, bit for bit.
   save_llama2c(b.model, tmp / "back.bin");
-  LoadedModel c = load_model(tmp / "back.bin", a.tokenizer->path());
+  LoadedModel c = load_model(tmp / "back.bin", a.tokenizer->name());
   for (const auto& [name, t] : a.model.weights()) EXPECT_TRUE(at::equal(t, c.model.weight(name))) << name;
 }
 
@@ -147,7 +147,7 @@ TEST(Loaders, QuantizedV2Checkpoint) {
   }
   for (const auto& s : scales) put(s.contiguous());
   write_file_atomic(tmp / "q80.bin", h + body);
-  LoadedModel b = load_model(tmp / "q80.bin", a.tokenizer->path());
+  LoadedModel b = load_model(tmp / "q80.bin", a.tokenizer->name());
   at::Tensor x = at::randint(0, 512, {1, 32}, at::kLong);
   at::NoGradGuard ng;
   // Q8_0 error: logits close, and the greedy story starts the same.

@@ -22,7 +22,7 @@ void register_convert(CLI::App& app) {
     LoadedModel m = load_model(args->model, args->tokenizer, /*require_tokenizer=*/false);
     if (*format == "hf") {
       const at::ScalarType dtype = args->dtype == "auto" ? m.model.dtype() : parse_dtype(args->dtype);
-      save_hf_dir(m.model, *out, dtype, m.tokenizer ? m.tokenizer->path() : "");
+      save_hf_dir(m.model, *out, dtype, m.tokenizer.get());
       std::cerr << fmt::format("edkm: wrote {} (config.json, model.safetensors {}{})\n", *out, c10::toString(dtype),
                                m.tokenizer ? ", tokenizer" : "; no tokenizer found, pass --tokenizer to include one");
     } else {

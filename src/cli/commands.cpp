@@ -13,6 +13,7 @@ std::map<const CLI::App*, Runner>& runners() {
 void add_runner(CLI::App* sub, Runner run) { runners()[sub] = std::move(run); }
 
 void register_commands(CLI::App& app) {
+  register_compress(app);
   register_generate(app);
   register_perplexity(app);
   register_convert(app);

@@ -17,5 +17,6 @@ void register_bench(CLI::App& app);
 void register_generate(CLI::App& app);
 void register_perplexity(CLI::App& app);
 void register_convert(CLI::App& app);
+void register_compress(CLI::App& app);
 
 }  // namespace edkm::cli

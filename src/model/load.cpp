@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "common/error.h"
+#include "export/format.h"
 #include "model/io/hf.h"
 #include "model/io/llama2c.h"
 
@@ -13,6 +14,13 @@ namespace edkm {
 LoadedModel load_model(const std::string& path, const std::string& tokenizer, bool require_tokenizer) {
   if (!fs::exists(path)) throw_input("{}: no such file or directory", path);
   const bool dir = fs::is_directory(path);
+  if (!dir && is_compressed_file(path)) {
+    CompressedModel c = read_compressed(path);
+    LoadedModel out{c.to_llama(at::kFloat), nullptr};
+    out.tokenizer = tokenizer.empty() ? c.tokenizer() : load_tokenizer(tokenizer, static_cast<int>(c.config.vocab_size));
+    if (!out.tokenizer && require_tokenizer) throw_input("{}: carries no tokenizer; pass --tokenizer", path);
+    return out;
+  }
   Llama model = dir ? load_hf_dir(path) : load_llama2c(path);
   const int vocab = static_cast<int>(model.config().vocab_size);
   std::string tok = tokenizer;

@@ -14,7 +14,8 @@ struct LoadedModel {
   std::unique_ptr<Tokenizer> tokenizer;  // null when none was found and none was required
 };
 
-// path: a Hugging Face directory (config.json) or a llama2.c .bin checkpoint.
+// path: a Hugging Face directory (config.json), a llama2.c .bin checkpoint, or an edkm
+// compressed model (de-palettised; its embedded tokenizer is used unless one is given).
 // tokenizer: an explicit tokenizer file; otherwise one is looked for in the model directory
 // (tokenizer.model, tokenizer.bin) or beside a .bin checkpoint (tokenizer.bin, tok<vocab>.bin,
 // tokenizer.model). With require_tokenizer, not finding one is an InputError.

@@ -6,7 +6,7 @@
 // (quadratic); a heap of candidate pairs with lazy invalidation makes the same merges in the
 // same order in O(n log n).
 #include <cstring>
-#include <fstream>
+#include <sstream>
 #include <queue>
 #include <unordered_map>
 
@@ -18,9 +18,8 @@ namespace {
 
 class Llama2cTokenizer final : public Tokenizer {
  public:
-  Llama2cTokenizer(const std::string& path, int vocab_size) : path_(path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw_input("{}: cannot open tokenizer: {}", path, std::strerror(errno));
+  Llama2cTokenizer(std::string data, const std::string& path, int vocab_size) : Tokenizer(path, std::move(data)) {
+    std::istringstream in(this->data());
     int32_t max_len = 0;
     if (!in.read(reinterpret_cast<char*>(&max_len), 4) || max_len <= 0 || max_len > 4096)
       throw_input("{}: not a llama2.c tokenizer (bad max_token_length header)", path);
@@ -74,7 +73,7 @@ class Llama2cTokenizer final : public Tokenizer {
   }
 
   int vocab_size() const override { return static_cast<int>(pieces_.size()); }
-  const std::string& path() const override { return path_; }
+  Kind kind() const override { return Kind::kLlama2c; }
 
  private:
   int find(const std::string& s) const {
@@ -120,7 +119,6 @@ class Llama2cTokenizer final : public Tokenizer {
     ids.swap(out);
   }
 
-  std::string path_;
   std::vector<std::string> pieces_;
   std::vector<float> scores_;
   std::unordered_map<std::string, int> lookup_;
@@ -128,8 +126,8 @@ class Llama2cTokenizer final : public Tokenizer {
 
 }  // namespace
 
-std::unique_ptr<Tokenizer> load_llama2c_tokenizer(const std::string& path, int vocab_size) {
-  return std::make_unique<Llama2cTokenizer>(path, vocab_size);
+std::unique_ptr<Tokenizer> llama2c_tokenizer(std::string data, const std::string& name, int vocab_size) {
+  return std::make_unique<Llama2cTokenizer>(std::move(data), name, vocab_size);
 }
 
 std::string Tokenizer::decode(const std::vector<int>& tokens) const {

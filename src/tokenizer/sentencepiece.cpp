@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <mutex>
 
+#include "common/atomic_file.h"
 #include "common/error.h"
 #include "tokenizer/tokenizer.h"
 
@@ -13,7 +14,7 @@ namespace edkm {
 namespace {
 
 struct ShimApi {
-  void* (*load)(const char*, char*, int);
+  void* (*load)(const char*, int, char*, int);
   void (*free)(void*);
   int (*vocab_size)(void*);
   int (*bos_id)(void*);
@@ -74,10 +75,10 @@ const ShimApi& shim() {
 
 class SentencePieceTokenizer final : public Tokenizer {
  public:
-  explicit SentencePieceTokenizer(const std::string& path) : path_(path), api_(shim()) {
+  SentencePieceTokenizer(std::string data, const std::string& name) : Tokenizer(name, std::move(data)), api_(shim()) {
     char err[512] = {0};
-    handle_ = api_.load(path.c_str(), err, sizeof(err));
-    if (!handle_) throw_input("{}: not a SentencePiece model: {}", path, err);
+    handle_ = api_.load(this->data().data(), static_cast<int>(this->data().size()), err, sizeof(err));
+    if (!handle_) throw_input("{}: not a SentencePiece model: {}", name, err);
     vocab_ = api_.vocab_size(handle_);
     bos_ = api_.bos_id(handle_);
     eos_ = api_.eos_id(handle_);
@@ -103,7 +104,7 @@ class SentencePieceTokenizer final : public Tokenizer {
   std::vector<int> encode(const std::string& text, bool bos, bool eos) const override {
     std::vector<int> ids(text.size() + 8);
     int n = api_.encode(handle_, text.data(), static_cast<int>(text.size()), ids.data(), static_cast<int>(ids.size()));
-    if (n < 0) throw_input("{}: SentencePiece failed to encode the text", path_);
+    if (n < 0) throw_input("{}: SentencePiece failed to encode the text", name());
     if (n > static_cast<int>(ids.size())) {
       ids.resize(n);
       api_.encode(handle_, text.data(), static_cast<int>(text.size()), ids.data(), n);
@@ -124,10 +125,9 @@ class SentencePieceTokenizer final : public Tokenizer {
   int vocab_size() const override { return vocab_; }
   int bos_id() const override { return bos_; }
   int eos_id() const override { return eos_; }
-  const std::string& path() const override { return path_; }
+  Kind kind() const override { return Kind::kSentencePiece; }
 
  private:
-  std::string path_;
   const ShimApi& api_;
   void* handle_ = nullptr;
   int vocab_ = 0, bos_ = 1, eos_ = 2;
@@ -136,20 +136,23 @@ class SentencePieceTokenizer final : public Tokenizer {
 
 }  // namespace
 
-std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& path) {
-  return std::make_unique<SentencePieceTokenizer>(path);
+std::unique_ptr<Tokenizer> sentencepiece_tokenizer(std::string data, const std::string& name) {
+  return std::make_unique<SentencePieceTokenizer>(std::move(data), name);
+}
+
+std::unique_ptr<Tokenizer> tokenizer_from_bytes(std::string data, const std::string& name, int vocab_size) {
+  // A SentencePiece model is a protobuf whose first field (pieces, field 1, length-delimited)
+  // starts with the byte 0x0A; a tokenizer.bin starts with a small int32 max_token_length,
+  // whose first byte is never 0x0A for real vocabularies (lengths 10 and 266.. aside, which
+  // the .bin extension settles).
+  const bool bin_name = std::filesystem::path(name).extension() == ".bin";
+  if (!data.empty() && data[0] == 0x0A && !bin_name) return sentencepiece_tokenizer(std::move(data), name);
+  return llama2c_tokenizer(std::move(data), name, vocab_size);
 }
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path, int vocab_size) {
   if (!std::filesystem::exists(path)) throw_input("{}: tokenizer file not found", path);
-  // A SentencePiece model is a protobuf whose first field (pieces, field 1, length-delimited)
-  // starts with the byte 0x0A; a tokenizer.bin starts with a small int32 max_token_length.
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) throw_input("{}: cannot open tokenizer", path);
-  int first = std::fgetc(f);
-  std::fclose(f);
-  if (first == 0x0A && std::filesystem::path(path).extension() != ".bin") return load_sentencepiece(path);
-  return load_llama2c_tokenizer(path, vocab_size);
+  return tokenizer_from_bytes(read_file(path), path, vocab_size);
 }
 
 }  // namespace edkm

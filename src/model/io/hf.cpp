@@ -56,8 +56,7 @@ Llama load_hf_dir(const std::string& dir) {
   return Llama(cfg, std::move(weights), dir);
 }
 
-void save_hf_dir(const Llama& model, const std::string& dir, at::ScalarType dtype,
-                 const std::string& tokenizer_file) {
+void save_hf_dir(const Llama& model, const std::string& dir, at::ScalarType dtype, const Tokenizer* tokenizer) {
   fs::create_directories(dir);
   nlohmann::json cj = model.config().to_hf();
   cj["torch_dtype"] = dtype == at::kBFloat16 ? "bfloat16" : dtype == at::kHalf ? "float16" : "float32";
@@ -66,10 +65,7 @@ void save_hf_dir(const Llama& model, const std::string& dir, at::ScalarType dtyp
     tensors.emplace_back(name, model.weight(name).to(dtype));
   safetensors::write((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
   write_file_atomic((fs::path(dir) / "config.json").string(), cj.dump(2) + "\n");
-  if (!tokenizer_file.empty()) {
-    const bool spm = fs::path(tokenizer_file).extension() == ".model";
-    write_file_atomic((fs::path(dir) / (spm ? "tokenizer.model" : "tokenizer.bin")).string(), read_file(tokenizer_file));
-  }
+  if (tokenizer) write_file_atomic((fs::path(dir) / tokenizer->file_name()).string(), tokenizer->data());
 }
 
 }  // namespace edkm

@@ -5,14 +5,15 @@
 #include <string>
 
 #include "model/llama.h"
+#include "tokenizer/tokenizer.h"
 
 namespace edkm {
 
 Llama load_hf_dir(const std::string& dir);
 
-// Writes config.json and model.safetensors (weights cast to `dtype`), and copies the tokenizer
-// file if one is given. Each file is written atomically; the directory is created if needed.
+// Writes config.json and model.safetensors (weights cast to `dtype`), and the tokenizer file
+// if one is given. Each file is written atomically; the directory is created if needed.
 void save_hf_dir(const Llama& model, const std::string& dir, at::ScalarType dtype,
-                 const std::string& tokenizer_file = "");
+                 const Tokenizer* tokenizer = nullptr);
 
 }  // namespace edkm

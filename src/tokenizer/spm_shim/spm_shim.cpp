@@ -20,9 +20,10 @@ void copy_out(const std::string& s, char* out, int cap) {
 
 extern "C" {
 
-void* edkm_spm_load(const char* path, char* err, int errlen) {
+// A model from its serialized protobuf (the bytes of a .model file).
+void* edkm_spm_load(const char* data, int len, char* err, int errlen) {
   auto* sp = new sentencepiece::SentencePieceProcessor();
-  auto status = sp->Load(path);
+  auto status = sp->LoadFromSerializedProto(std::string_view(data, static_cast<std::size_t>(len)));
   if (!status.ok()) {
     copy_out(status.ToString(), err, errlen);
     delete sp;

@@ -1,0 +1,113 @@
+// edkm compress: train-time weight clustering of a model (the main job).
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <filesystem>
+#include <csignal>
+#include <fstream>
+#include <iostream>
+
+#include "cli/commands.h"
+#include "cli/common.h"
+#include "common/atomic_file.h"
+#include "common/error.h"
+#include "train/compress.h"
+
+namespace edkm::cli {
+namespace {
+
+std::atomic<bool> g_interrupted{false};
+
+// First Ctrl-C: finish the step, write a checkpoint, stop. Second: the default (terminate).
+void on_sigint(int) {
+  g_interrupted = true;
+  std::signal(SIGINT, SIG_DFL);
+}
+
+}  // namespace
+
+void register_compress(CLI::App& app) {
+  auto* cmd = app.add_subcommand("compress", "Fine-tune a model while DKM clusters its weights, and write it compressed");
+  auto args = std::make_shared<ModelArgs>();
+  auto o = std::make_shared<CompressOptions>();
+  auto config = std::make_shared<std::string>();
+  auto cluster_dtype = std::make_shared<std::string>("bf16");
+  auto dense_dtype = std::make_shared<std::string>("keep");
+  auto no_cluster = std::make_shared<bool>(false);
+  auto json = std::make_shared<bool>(false);
+  o->plan.defaults.bits = 3;
+  o->train.lr = 1e-3;
+  add_model_args(cmd, *args);
+  cmd->add_option("-d,--data", o->data_path, "Alpaca JSON/JSONL or plain text")->required();
+  cmd->add_option("-o,--out", o->out, "Compressed model file to write")->required();
+  // clustering
+  cmd->add_option("-b,--bits", o->plan.defaults.bits, "Bits per weight index (k = 2^bits)")->check(CLI::Range(1, 8));
+  cmd->add_option("--config", *config, "JSON compression config (per-name-pattern settings)");
+  cmd->add_option("--group-size", o->plan.defaults.group_size, "Rows per palette (0: one palette per tensor)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--cluster-dim", o->plan.defaults.cluster_dim, "Weights per centroid vector")->check(CLI::PositiveNumber);
+  cmd->add_option("--tau", o->plan.defaults.tau, "DKM softmax temperature");
+  cmd->add_option("--dkm-iters", o->plan.defaults.max_iters, "DKM iterations per step")->check(CLI::PositiveNumber);
+  cmd->add_flag("--per-row-scale", o->plan.defaults.per_row_scale, "Divide rows by (max - min) / 2 before clustering");
+  cmd->add_option("--cluster-dtype", *cluster_dtype, "Rounding before clustering: bf16, fp16, fp32")
+      ->check(CLI::IsMember({"bf16", "fp16", "fp32"}));
+  cmd->add_flag("--include-embeddings", o->plan.include_embeddings, "Also cluster the embeddings and classifier");
+  cmd->add_option("--min-weights", o->plan.min_weights, "Leave matrices with at most this many weights unclustered");
+  cmd->add_flag("--no-cluster", *no_cluster, "Plain fine-tuning without DKM (a baseline)");
+  // data
+  cmd->add_option("--seq-len", o->data.seq_len, "Tokens per training sequence")->check(CLI::Range(2, 1 << 20));
+  cmd->add_option("--val-fraction", o->data.val_fraction, "Held-out fraction (the end of the data)")->check(CLI::Range(0.0, 0.9));
+  cmd->add_flag("--pack", o->data.pack, "Pack Alpaca examples into full sequences");
+  // training
+  cmd->add_option("--steps", o->train.steps, "Optimizer steps (default: one epoch)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--batch", o->train.batch, "Sequences per micro-batch")->check(CLI::PositiveNumber);
+  cmd->add_option("--grad-accum", o->train.grad_accum, "Micro-batches per step")->check(CLI::PositiveNumber);
+  cmd->add_option("--lr", o->train.lr, "Peak learning rate (AdamW)")->check(CLI::PositiveNumber);
+  cmd->add_option("--min-lr-ratio", o->train.min_lr_ratio, "Cosine floor as a fraction of --lr")->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--warmup", o->train.warmup, "Warm-up steps")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--weight-decay", o->train.weight_decay, "AdamW weight decay (matrices only)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--grad-clip", o->train.grad_clip, "Max global gradient norm (0: off)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--eval-every", o->train.eval_every, "Validation every N steps")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--checkpoint-every", o->train.checkpoint_every, "Checkpoint every N steps")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--checkpoint", o->train.checkpoint_path, "Checkpoint file (default: OUT.ckpt)");
+  cmd->add_flag("--resume", o->train.resume, "Continue from the checkpoint");
+  cmd->add_option("--metrics", o->train.metrics_path, "JSONL metrics file (default: OUT.metrics.jsonl)");
+  cmd->add_option("--seed", o->train.seed, "Data order seed");
+  cmd->add_flag("--gradient-checkpointing", o->train.checkpoint_layers, "Recompute decoder layers in backward");
+  cmd->add_option("--dense-dtype", *dense_dtype, "Storage of unclustered tensors: keep, fp32, bf16, fp16")
+      ->check(CLI::IsMember({"keep", "fp32", "bf16", "fp16"}));
+  cmd->add_flag("-q,--quiet", o->train.quiet, "No progress bar");
+  cmd->add_flag("--json", *json, "Print the report as JSON");
+  add_runner(cmd, [=] {
+    if (!config->empty()) {
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(read_file(*config));
+      } catch (const nlohmann::json::exception& e) {
+        throw_input("{}: invalid JSON: {}", *config, e.what());
+      }
+      o->plan.apply_json(j, *config);
+    }
+    o->plan.defaults.cluster_dtype = parse_cluster_dtype(*cluster_dtype);
+    o->cluster = !*no_cluster;
+    if (*dense_dtype != "keep") o->dense_dtype = parse_dtype(*dense_dtype);
+    if (o->train.checkpoint_path.empty()) o->train.checkpoint_path = o->out + ".ckpt";
+    if (o->train.metrics_path.empty()) o->train.metrics_path = o->out + ".metrics.jsonl";
+    if (o->train.resume && !std::filesystem::exists(o->train.checkpoint_path))
+      throw_input("{}: no checkpoint to resume from", o->train.checkpoint_path);
+    ModelArgs a = *args;
+    if (a.dtype == "auto") a.dtype = "fp32";  // fp32 master weights; DKM rounds to --cluster-dtype
+    LoadedModel m = load_for_inference(a);
+    std::signal(SIGINT, on_sigint);
+    o->train.should_stop = [] { return g_interrupted.load(); };
+    CompressReport r = compress(m, *o);
+    if (r.train.interrupted) {
+      std::cerr << fmt::format("edkm: interrupted after step {}; checkpoint written to {}; continue with --resume\n",
+                               r.train.start_step + r.train.steps_done, o->train.checkpoint_path);
+      std::exit(130);
+    }
+    if (*json) print_json(r.to_json());
+    else std::cout << r.text();
+  });
+}
+
+}  // namespace edkm::cli

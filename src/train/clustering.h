@@ -1,0 +1,80 @@
+// Which weights of a model are clustered, with which DKM settings, and their DKM state
+// (palettes carried from step to step, frozen per-row scales).
+//
+// The plan comes from command-line defaults and an optional JSON file:
+//   {
+//     "bits": 3, "group_size": 0, ...             DKM settings for every clustered weight
+//     "include_embeddings": false,                also cluster embed_tokens and lm_head
+//     "min_weights": 0,                           leave smaller matrices alone (coremltools: 2048)
+//     "rules": [                                  the first rule whose regex matches the whole
+//       {"pattern": "model\\.layers\\.0\\..*", "skip": true},      name decides; a matching rule
+//       {"pattern": ".*mlp\\..*", "bits": 4, "group_size": 16}     also selects a weight that is
+//     ]                                                            not clustered by default
+//   }
+// By default the attention and MLP projections (q, k, v, o, gate, up, down) are clustered.
+#pragma once
+
+#include <nlohmann/json_fwd.hpp>
+
+#include <string>
+#include <vector>
+
+#include "cluster/cluster.h"
+#include "model/llama.h"
+
+namespace edkm {
+
+struct ClusterRule {
+  std::string pattern;
+  bool skip = false;
+  nlohmann::json overrides;  // DKMConfig fields
+};
+
+struct ClusteringPlan {
+  DKMConfig defaults;
+  bool include_embeddings = false;
+  int64_t min_weights = 0;
+  std::vector<ClusterRule> rules;
+
+  // Applies a JSON config on top of this plan (unknown keys are errors naming `source`).
+  void apply_json(const nlohmann::json& j, const std::string& source);
+  // The weights to cluster and their settings; InputError if none is selected.
+  std::vector<std::pair<std::string, DKMConfig>> resolve(const Llama& model) const;
+};
+
+// Reads DKMConfig fields from a JSON object into cfg (throws InputError naming source).
+void apply_dkm_json(DKMConfig& cfg, const nlohmann::json& j, const std::string& source);
+nlohmann::json dkm_to_json(const DKMConfig& cfg);
+
+struct ClusteredWeight {
+  std::string name;
+  DKMConfig cfg;
+  at::Tensor palette;  // [G, k, d], carried from step to step
+  at::Tensor scale;    // [rows] or undefined
+};
+
+class Clustering {
+ public:
+  Clustering() = default;
+  // Per-row scales and initial palettes from the (pretrained) weights.
+  Clustering(const Llama& model, const std::vector<std::pair<std::string, DKMConfig>>& plan);
+
+  const std::vector<ClusteredWeight>& weights() const { return weights_; }
+  std::vector<ClusteredWeight>& weights() { return weights_; }
+  bool contains(const std::string& name) const;
+
+  // Soft-clustered weights w~ = DKM(w) for the forward pass, differentiable w.r.t. the model's
+  // weights when grad mode is on. With advance, each palette becomes DKM's updated palette
+  // (once per optimizer step); evaluation passes advance = false.
+  WeightOverrides soft(const Llama& model, bool advance);
+  // Hard assignment of every clustered weight, against its palette rounded to fp16 (the
+  // precision palettes are stored in).
+  std::vector<std::pair<std::string, Palettized>> palettize(const Llama& model) const;
+  // The hard-assigned weights as overrides (for evaluating the exported model).
+  WeightOverrides hard(const Llama& model) const;
+
+ private:
+  std::vector<ClusteredWeight> weights_;
+};
+
+}  // namespace edkm

@@ -1,0 +1,96 @@
+#include "train/compress.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include "common/error.h"
+
+namespace fs = std::filesystem;
+
+namespace edkm {
+
+void check_writable(const std::string& path) {
+  if (path.empty()) throw_input("no output path given");
+  const fs::path p(path);
+  if (fs::is_directory(p)) throw_input("{}: is a directory, expected a file name", path);
+  const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
+  if (!fs::is_directory(dir)) throw_input("{}: directory {} does not exist", path, dir.string());
+  if (::access(dir.c_str(), W_OK) != 0) throw_input("{}: cannot write to {}: {}", path, dir.string(), std::strerror(errno));
+}
+
+CompressReport compress(LoadedModel& m, const CompressOptions& o) {
+  check_writable(o.out);
+  if (!o.train.checkpoint_path.empty()) check_writable(o.train.checkpoint_path);
+  if (!m.tokenizer) throw_input("compress needs a tokenizer for the data");
+  Dataset data = load_dataset(o.data_path, *m.tokenizer, o.data);
+  CompressReport r;
+  r.out = o.out;
+  r.train_examples = static_cast<int64_t>(data.train.size());
+  r.val_examples = static_cast<int64_t>(data.val.size());
+  r.train_tokens = data.train_tokens();
+  const int pad = static_cast<int>(m.model.config().eos_id);
+  Llama& model = m.model;
+
+  r.val_pretrained = evaluate(model, nullptr, data.val, o.train.eval_batch, pad);
+  Clustering clustering;
+  if (o.cluster) {
+    clustering = Clustering(model, o.plan.resolve(model));
+    r.clustered = static_cast<int64_t>(clustering.weights().size());
+    WeightOverrides ptq = clustering.hard(model);
+    r.val_kmeans = evaluate(model, &ptq, data.val, o.train.eval_batch, pad);
+  }
+  r.train = train(model, o.cluster ? &clustering : nullptr, data, o.train);
+  r.val_soft = r.train.val_loss_end;
+  if (r.train.interrupted) return r;
+
+  std::vector<std::pair<std::string, Palettized>> packed;
+  std::vector<nlohmann::json> settings;
+  if (o.cluster) {
+    packed = clustering.palettize(model);
+    for (const auto& w : clustering.weights()) settings.push_back(dkm_to_json(w.cfg));
+  }
+  CompressedModel cm = make_compressed(model, packed, settings, m.tokenizer.get(), o.dense_dtype);
+  cm.metadata["edkm_version"] = EDKM_VERSION;
+  cm.metadata["source_model"] = model.config().to_hf().dump();
+  write_compressed(o.out, cm);
+  // The file as written, evaluated: reading it back checks it too.
+  CompressedModel back = read_compressed(o.out);
+  Llama exported = back.to_llama(at::kFloat);
+  r.val_exported = evaluate(exported, nullptr, data.val, o.train.eval_batch, pad);
+  r.size = size_of(back);
+  return r;
+}
+
+nlohmann::json CompressReport::to_json() const {
+  return {{"out", out},
+          {"interrupted", train.interrupted},
+          {"train_examples", train_examples},
+          {"val_examples", val_examples},
+          {"train_tokens", train_tokens},
+          {"clustered_weights", clustered},
+          {"steps", train.total_steps},
+          {"seconds", train.seconds},
+          {"tokens_per_second", train.tokens / std::max(1e-9, train.seconds)},
+          {"peak_rss_bytes", train.peak_rss},
+          {"val_loss", {{"pretrained", val_pretrained}, {"kmeans", val_kmeans}, {"soft", val_soft}, {"exported", val_exported}}},
+          {"size", size.to_json()}};
+}
+
+std::string CompressReport::text() const {
+  std::string s = fmt::format("data: {} training examples ({} loss tokens), {} held out\n", train_examples, train_tokens,
+                              val_examples);
+  s += fmt::format("training: {} steps in {:.1f} s ({:.0f} tokens/s), peak RSS {:.0f} MB\n", train.total_steps,
+                   train.seconds, train.tokens / std::max(1e-9, train.seconds), train.peak_rss / 1048576.0);
+  s += fmt::format("validation loss (nats/token): pretrained {:.4f} | k-means, no training {:.4f} | DKM soft {:.4f} | "
+                   "written file {:.4f}\n", val_pretrained, val_kmeans, val_soft, val_exported);
+  s += size.table(true);
+  s += fmt::format("wrote {}\n", out);
+  return s;
+}
+
+}  // namespace edkm

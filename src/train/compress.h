@@ -1,0 +1,45 @@
+// compress(): the whole main job. Load data, initialise palettes, fine-tune with DKM, assign
+// each clustered weight to its nearest centroid, write the compressed model, and report.
+#pragma once
+
+#include <nlohmann/json_fwd.hpp>
+
+#include <string>
+
+#include "export/size.h"
+#include "model/load.h"
+#include "train/clustering.h"
+#include "train/data.h"
+#include "train/trainer.h"
+
+namespace edkm {
+
+struct CompressOptions {
+  std::string data_path;
+  std::string out;
+  ClusteringPlan plan;
+  DataOptions data;
+  TrainOptions train;
+  bool cluster = true;  // false: plain fine-tuning (the memory baseline), written unclustered
+  at::ScalarType dense_dtype = at::ScalarType::Undefined;  // storage of unclustered tensors
+};
+
+struct CompressReport {
+  TrainReport train;
+  std::string out;
+  int64_t train_examples = 0, val_examples = 0, train_tokens = 0;
+  int64_t clustered = 0;
+  // Validation loss (nats/token) of the pretrained model, of post-training k-means (the initial
+  // palettes, hard-assigned), of the trained model with soft weights, and of the file written.
+  double val_pretrained = 0, val_kmeans = 0, val_soft = 0, val_exported = 0;
+  SizeReport size;
+  nlohmann::json to_json() const;
+  std::string text() const;
+};
+
+// Checks that `path` can be written (its directory exists and is writable) before any work.
+void check_writable(const std::string& path);
+
+CompressReport compress(LoadedModel& m, const CompressOptions& opts);
+
+}  // namespace edkm

@@ -1,0 +1,195 @@
+#include "train/data.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <filesystem>
+#include <numeric>
+#include <random>
+#include <sstream>
+
+#include "common/atomic_file.h"
+#include "common/error.h"
+
+namespace edkm {
+namespace {
+
+struct AlpacaRecord {
+  std::string instruction, input, output;
+};
+
+// A JSON array of objects, or one object per line (JSONL).
+std::vector<AlpacaRecord> parse_alpaca(const std::string& text, const std::string& path) {
+  std::vector<nlohmann::json> items;
+  size_t first = text.find_first_not_of(" \t\r\n");
+  if (first != std::string::npos && text[first] == '[') {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+      throw_input("{}: invalid JSON: {}", path, e.what());
+    }
+    for (auto& x : j) items.push_back(std::move(x));
+  } else {
+    std::istringstream in(text);
+    std::string line;
+    for (int64_t n = 1; std::getline(in, line); ++n) {
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+      try {
+        items.push_back(nlohmann::json::parse(line));
+      } catch (const nlohmann::json::exception& e) {
+        throw_input("{}:{}: invalid JSON line: {}", path, n, e.what());
+      }
+    }
+  }
+  std::vector<AlpacaRecord> out;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const auto& x = items[i];
+    auto field = [&](const char* key, bool required) -> std::string {
+      if (!x.is_object()) throw_input("{}: example {} is not an object", path, i + 1);
+      auto it = x.find(key);
+      if (it == x.end() || it->is_null()) {
+        if (required) throw_input("{}: example {} has no \"{}\"", path, i + 1, key);
+        return "";
+      }
+      if (!it->is_string()) throw_input("{}: example {}: \"{}\" is not a string", path, i + 1, key);
+      return it->get<std::string>();
+    };
+    out.push_back({field("instruction", true), field("input", false), field("output", true)});
+  }
+  return out;
+}
+
+bool looks_like_alpaca(const std::string& path, const std::string& text) {
+  const std::string ext = std::filesystem::path(path).extension().string();
+  if (ext == ".json" || ext == ".jsonl") return true;
+  size_t first = text.find_first_not_of(" \t\r\n");
+  return first != std::string::npos && (text[first] == '[' || text[first] == '{') && text.find("\"instruction\"") != std::string::npos;
+}
+
+// Splits examples: the last `fraction` (at least one when there are two or more) is held out.
+void split(std::vector<Example>& all, double fraction, Dataset& d) {
+  int64_t nval = static_cast<int64_t>(std::llround(fraction * all.size()));
+  if (fraction > 0 && nval == 0 && all.size() >= 2) nval = 1;
+  const int64_t ntrain = static_cast<int64_t>(all.size()) - nval;
+  d.train.assign(all.begin(), all.begin() + ntrain);
+  d.val.assign(all.begin() + ntrain, all.end());
+}
+
+// Cuts one token stream (with labels) into windows of seq_len inputs.
+std::vector<Example> windows(const std::vector<int>& toks, const std::vector<int>& labels, int64_t L) {
+  std::vector<Example> out;
+  for (int64_t s = 0; s + 1 < static_cast<int64_t>(toks.size()); s += L) {
+    const int64_t e = std::min<int64_t>(s + L, toks.size() - 1);
+    Example ex;
+    ex.tokens.assign(toks.begin() + s, toks.begin() + e);
+    ex.labels.assign(labels.begin() + s + 1, labels.begin() + e + 1);
+    if (std::any_of(ex.labels.begin(), ex.labels.end(), [](int v) { return v >= 0; })) out.push_back(std::move(ex));
+  }
+  return out;
+}
+
+}  // namespace
+
+int64_t Dataset::train_tokens() const {
+  int64_t n = 0;
+  for (const auto& e : train)
+    for (int v : e.labels) n += v >= 0;
+  return n;
+}
+
+std::string alpaca_prompt(const std::string& instruction, const std::string& input) {
+  if (input.empty())
+    return "Below is an instruction that describes a task. Write a response that appropriately completes the "
+           "request.\n\n### Instruction:\n" + instruction + "\n\n### Response:\n";
+  return "Below is an instruction that describes a task, paired with an input that provides further context. "
+         "Write a response that appropriately completes the request.\n\n### Instruction:\n" + instruction +
+         "\n\n### Input:\n" + input + "\n\n### Response:\n";
+}
+
+Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOptions& opts) {
+  if (opts.seq_len < 2) throw_invalid("seq_len must be at least 2, got {}", opts.seq_len);
+  if (!(opts.val_fraction >= 0 && opts.val_fraction < 1))
+    throw_invalid("val_fraction must be in [0, 1), got {}", opts.val_fraction);
+  if (!std::filesystem::exists(path)) throw_input("{}: data file not found", path);
+  const std::string text = read_file(path);
+  if (text.find_first_not_of(" \t\r\n") == std::string::npos) throw_input("{}: the data file is empty", path);
+  Dataset d;
+  d.source = path;
+  std::vector<Example> all;
+  if (looks_like_alpaca(path, text)) {
+    d.kind = "alpaca";
+    std::vector<AlpacaRecord> recs = parse_alpaca(text, path);
+    if (recs.empty()) throw_input("{}: no examples", path);
+    std::vector<int> stream_toks, stream_labels;
+    for (const auto& r : recs) {
+      const std::string prompt = alpaca_prompt(r.instruction, r.input);
+      // As alpaca-lora does: the prompt's tokens are those of the prompt alone; the rest of the
+      // full sequence (response and EOS) carries the loss.
+      std::vector<int> full = tok.encode(prompt + r.output, /*bos=*/true, /*eos=*/true);
+      const size_t n_prompt = tok.encode(prompt, true, false).size();
+      std::vector<int> labels(full.size(), -100);
+      for (size_t i = n_prompt; i < full.size(); ++i) labels[i] = full[i];
+      if (opts.pack) {
+        stream_toks.insert(stream_toks.end(), full.begin(), full.end());
+        stream_labels.insert(stream_labels.end(), labels.begin(), labels.end());
+        continue;
+      }
+      // One row per example: inputs full[0, n-1), targets full[1, n), cut at seq_len.
+      Example ex;
+      ex.tokens.assign(full.begin(), full.end() - 1);
+      ex.labels.assign(labels.begin() + 1, labels.end());
+      if (static_cast<int64_t>(ex.tokens.size()) > opts.seq_len) {
+        ++d.truncated;
+        ex.tokens.resize(opts.seq_len);
+        ex.labels.resize(opts.seq_len);
+      }
+      if (std::none_of(ex.labels.begin(), ex.labels.end(), [](int v) { return v >= 0; })) {
+        ++d.dropped;
+        continue;
+      }
+      all.push_back(std::move(ex));
+    }
+    if (opts.pack) all = windows(stream_toks, stream_labels, opts.seq_len);
+    if (all.empty())
+      throw_input("{}: every example is longer than --seq-len {} before its response starts", path, opts.seq_len);
+  } else {
+    d.kind = "text";
+    std::vector<int> toks = tok.encode(text, /*bos=*/true, /*eos=*/false);
+    all = windows(toks, toks, opts.seq_len);
+    if (all.empty()) throw_input("{}: too little text for one training window", path);
+  }
+  split(all, opts.val_fraction, d);
+  if (d.train.empty()) throw_input("{}: no training examples left after holding out {:.0f}%", path, 100 * opts.val_fraction);
+  return d;
+}
+
+Batch make_batch(const std::vector<Example>& data, const std::vector<int64_t>& indices, int pad_id) {
+  int64_t T = 0;
+  for (int64_t i : indices) T = std::max<int64_t>(T, data[i].tokens.size());
+  const int64_t B = static_cast<int64_t>(indices.size());
+  Batch b{at::full({B, T}, pad_id, at::kLong), at::full({B, T}, -100, at::kLong), 0};
+  auto tp = b.tokens.accessor<int64_t, 2>();
+  auto lp = b.labels.accessor<int64_t, 2>();
+  for (int64_t r = 0; r < B; ++r) {
+    const Example& e = data[indices[r]];
+    for (size_t t = 0; t < e.tokens.size(); ++t) {
+      tp[r][t] = e.tokens[t];
+      lp[r][t] = e.labels[t];
+      b.loss_tokens += e.labels[t] >= 0;
+    }
+  }
+  return b;
+}
+
+std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  // Fisher-Yates with our own draws: std::shuffle's use of the engine is implementation-defined.
+  std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(epoch));
+  for (int64_t i = n - 1; i > 0; --i) std::swap(order[i], order[rng() % static_cast<uint64_t>(i + 1)]);
+  return order;
+}
+
+}  // namespace edkm

@@ -1,0 +1,60 @@
+// train: fine-tuning data. Two kinds of file:
+//   - Alpaca-style JSON array or JSONL of {"instruction", "input", "output"}: each example is
+//     BOS + the Stanford Alpaca prompt + the response + EOS, with the loss on the response (and
+//     EOS) only;
+//   - plain text (anything else): BOS + the whole text, cut into windows of seq_len + 1 tokens
+//     (inputs [0, L), targets [1, L]) with the loss on every token.
+// The last val_fraction of examples (in file order) is held out for validation.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tokenizer/tokenizer.h"
+
+namespace edkm {
+
+struct Example {
+  std::vector<int> tokens;  // inputs
+  std::vector<int> labels;  // targets aligned with tokens; -100 = no loss
+};
+
+struct DataOptions {
+  int64_t seq_len = 256;
+  double val_fraction = 0.1;
+  // Alpaca: concatenate examples into seq_len windows instead of one (padded) example per row.
+  bool pack = false;
+};
+
+struct Dataset {
+  std::string source;
+  std::string kind;  // "alpaca" or "text"
+  std::vector<Example> train, val;
+  int64_t truncated = 0;  // examples cut at seq_len
+  int64_t dropped = 0;    // examples with no response token within seq_len
+  int64_t train_tokens() const;  // tokens with a loss
+};
+
+// The Stanford Alpaca prompt (everything before the response).
+std::string alpaca_prompt(const std::string& instruction, const std::string& input);
+
+// Reads and tokenizes a data file. InputError for a missing, malformed or empty file, or one
+// from which no training example survives.
+Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOptions& opts);
+
+// A batch of examples, right-padded to the longest with pad_id (labels -100).
+struct Batch {
+  at::Tensor tokens;  // [B, T] int64
+  at::Tensor labels;  // [B, T] int64
+  int64_t loss_tokens = 0;
+};
+Batch make_batch(const std::vector<Example>& data, const std::vector<int64_t>& indices, int pad_id);
+
+// The order examples are visited in epoch `epoch`: a permutation of [0, n) that depends only on
+// (seed, epoch), so a resumed run visits the same examples as an uninterrupted one.
+std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch);
+
+}  // namespace edkm

@@ -1,0 +1,259 @@
+#include "train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "common/atomic_file.h"
+#include "common/error.h"
+#include "common/memory.h"
+#include "common/progress.h"
+
+namespace edkm {
+namespace {
+
+bool is_matrix(const std::string& name, const at::Tensor& t) { return t.dim() == 2; }
+
+// What determines the trajectory of a run: resuming with anything else would not reproduce it.
+nlohmann::json fingerprint(const TrainOptions& o, const Dataset& data, const Clustering* c, int64_t total) {
+  nlohmann::json clustered = nlohmann::json::object();
+  if (c)
+    for (const auto& w : c->weights()) clustered[w.name] = dkm_to_json(w.cfg);
+  return {{"steps", total},         {"batch", o.batch},         {"grad_accum", o.grad_accum},
+          {"lr", o.lr},             {"min_lr_ratio", o.min_lr_ratio}, {"warmup", o.warmup},
+          {"weight_decay", o.weight_decay}, {"betas", {o.beta1, o.beta2}}, {"adam_eps", o.adam_eps},
+          {"grad_clip", o.grad_clip}, {"seed", o.seed},         {"data", data.source},
+          {"train_examples", data.train.size()}, {"clustered", clustered}};
+}
+
+// Checkpoint: every weight (in canonical order), every palette and scale, the optimizer state,
+// the step and the fingerprint, written atomically. Archive keys cannot contain dots, so
+// tensors are numbered.
+void save_checkpoint(const std::string& path, const Llama& model, const Clustering* c,
+                     torch::optim::Optimizer& opt, int64_t step, const nlohmann::json& fp) {
+  torch::serialize::OutputArchive ar;
+  ar.write("step", c10::IValue(step));
+  ar.write("fingerprint", c10::IValue(fp.dump()));
+  int64_t i = 0;
+  for (const auto& [name, shape] : tensor_shapes(model.config())) ar.write(fmt::format("weight_{}", i++), model.weight(name).detach());
+  if (c) {
+    for (size_t j = 0; j < c->weights().size(); ++j) {
+      ar.write(fmt::format("palette_{}", j), c->weights()[j].palette);
+      if (c->weights()[j].scale.defined()) ar.write(fmt::format("scale_{}", j), c->weights()[j].scale);
+    }
+  }
+  torch::serialize::OutputArchive optimizer;
+  opt.save(optimizer);
+  ar.write("optimizer", optimizer);
+  AtomicFile out(path);
+  ar.save_to([&](const void* data, size_t n) {
+    out.write(data, n);
+    return n;
+  });
+  out.commit();
+}
+
+int64_t load_checkpoint(const std::string& path, Llama& model, Clustering* c, torch::optim::Optimizer& opt,
+                        const nlohmann::json& fp) {
+  if (!std::filesystem::exists(path)) throw_input("{}: no checkpoint to resume from", path);
+  torch::serialize::InputArchive ar;
+  try {
+    ar.load_from(path);
+  } catch (const c10::Error& e) {
+    throw_input("{}: not a readable edkm checkpoint: {}", path, e.what_without_backtrace());
+  }
+  c10::IValue v;
+  ar.read("fingerprint", v);
+  const nlohmann::json saved = nlohmann::json::parse(v.toStringRef());
+  for (auto it = fp.begin(); it != fp.end(); ++it)
+    if (!saved.contains(it.key()) || saved[it.key()] != *it)
+      throw_input("{}: the checkpoint was made with {} = {}, this run has {}; resume with the same settings", path,
+                  it.key(), saved.value(it.key(), nlohmann::json()).dump(), it->dump());
+  at::NoGradGuard no_grad;
+  int64_t i = 0;
+  for (const auto& [name, shape] : tensor_shapes(model.config())) {
+    at::Tensor t;
+    ar.read(fmt::format("weight_{}", i++), t);
+    model.weights()[name].copy_(t);
+  }
+  if (c) {
+    for (size_t j = 0; j < c->weights().size(); ++j) {
+      ar.read(fmt::format("palette_{}", j), c->weights()[j].palette);
+      if (c->weights()[j].scale.defined()) ar.read(fmt::format("scale_{}", j), c->weights()[j].scale);
+    }
+  }
+  torch::serialize::InputArchive optimizer;
+  ar.read("optimizer", optimizer);
+  opt.load(optimizer);
+  ar.read("step", v);
+  return v.toInt();
+}
+
+}  // namespace
+
+double learning_rate(const TrainOptions& o, int64_t step, int64_t total) {
+  if (step < o.warmup) return o.lr * double(step + 1) / double(o.warmup);
+  const double span = std::max<int64_t>(1, total - o.warmup);
+  const double progress = std::min(1.0, double(step - o.warmup) / span);
+  const double min_lr = o.lr * o.min_lr_ratio;
+  return min_lr + 0.5 * (o.lr - min_lr) * (1 + std::cos(M_PI * progress));
+}
+
+double evaluate(const Llama& model, const WeightOverrides* overrides, const std::vector<Example>& examples,
+                int64_t batch, int pad_id) {
+  if (examples.empty()) return 0;
+  at::NoGradGuard no_grad;
+  double nll = 0;
+  int64_t n = 0;
+  for (size_t i = 0; i < examples.size(); i += batch) {
+    std::vector<int64_t> idx;
+    for (size_t j = i; j < std::min(examples.size(), i + batch); ++j) idx.push_back(static_cast<int64_t>(j));
+    Batch b = make_batch(examples, idx, pad_id);
+    ForwardOptions fo;
+    fo.overrides = overrides;
+    at::Tensor logits = model.forward(b.tokens.to(model.device()), fo);
+    nll += at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat),
+                                  b.labels.reshape({-1}).to(model.device()), {}, at::Reduction::Sum, -100)
+               .item<double>();
+    n += b.loss_tokens;
+  }
+  return nll / std::max<int64_t>(1, n);
+}
+
+TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, const TrainOptions& o) {
+  if (o.batch < 1 || o.grad_accum < 1) throw_invalid("batch and grad_accum must be >= 1");
+  if (!(o.lr > 0)) throw_invalid("learning rate must be positive");
+  const int64_t n = static_cast<int64_t>(data.train.size());
+  const int64_t per_step = o.batch * o.grad_accum;
+  TrainReport rep;
+  rep.total_steps = o.steps > 0 ? o.steps : (n + per_step - 1) / per_step;
+  const int pad = static_cast<int>(model.config().eos_id);
+  const nlohmann::json fp = fingerprint(o, data, clustering, rep.total_steps);
+
+  // Trainable leaves: matrices with weight decay, norms without.
+  std::vector<at::Tensor> decay, no_decay;
+  for (auto& [name, t] : model.weights()) {
+    t = t.detach().requires_grad_(true);
+    (is_matrix(name, t) && o.weight_decay > 0 ? decay : no_decay).push_back(t);
+  }
+  auto adam = torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.adam_eps);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  if (!decay.empty()) groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(adam.weight_decay(o.weight_decay)));
+  groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(adam.weight_decay(0)));
+  torch::optim::AdamW optimizer(groups, adam);
+
+  if (o.resume) rep.start_step = load_checkpoint(o.checkpoint_path, model, clustering, optimizer, fp);
+  std::ofstream metrics;
+  if (!o.metrics_path.empty()) {
+    metrics.open(o.metrics_path, rep.start_step > 0 ? std::ios::app : std::ios::trunc);
+    if (!metrics) throw_input("{}: cannot write the metrics file", o.metrics_path);
+  }
+
+  auto val_loss = [&] {
+    WeightOverrides ov;
+    if (clustering) {
+      at::NoGradGuard ng;
+      ov = clustering->soft(model, /*advance=*/false);
+    }
+    return evaluate(model, clustering ? &ov : nullptr, data.val, o.eval_batch, pad);
+  };
+  rep.val_loss_start = rep.val_loss_end = val_loss();
+  double last_val = rep.val_loss_start;
+
+  Progress bar(clustering ? "compress" : "fine-tune", rep.total_steps, o.quiet);
+  bar.update(rep.start_step);
+  std::vector<int64_t> order;
+  int64_t order_epoch = -1;
+  for (int64_t step = rep.start_step; step < rep.total_steps; ++step) {
+    const double lr = learning_rate(o, step, rep.total_steps);
+    for (auto& g : optimizer.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+
+    // This step's examples: positions [step * per_step, (step + 1) * per_step) of the sequence
+    // of epochs, each epoch in its own seeded order.
+    std::vector<Batch> batches;
+    int64_t step_tokens = 0;
+    for (int64_t m = 0; m < o.grad_accum; ++m) {
+      std::vector<int64_t> idx;
+      for (int64_t k = 0; k < o.batch; ++k) {
+        const int64_t pos = step * per_step + m * o.batch + k;
+        if (pos / n != order_epoch) order = epoch_order(n, o.seed, order_epoch = pos / n);
+        idx.push_back(order[pos % n]);
+      }
+      batches.push_back(make_batch(data.train, idx, pad));
+      step_tokens += batches.back().loss_tokens;
+    }
+
+    // DKM once per step; micro-batches accumulate into leaf copies of the soft weights, and one
+    // backward through DKM carries their gradients to the weights.
+    WeightOverrides soft, leaves;
+    if (clustering) {
+      soft = clustering->soft(model, /*advance=*/true);
+      for (const auto& [name, w] : soft) leaves[name] = w.detach().requires_grad_(true);
+    }
+    double loss_sum = 0;
+    for (const Batch& b : batches) {
+      ForwardOptions fo;
+      fo.overrides = clustering ? &leaves : nullptr;
+      fo.checkpoint_layers = o.checkpoint_layers;
+      at::Tensor logits = model.forward(b.tokens.to(model.device()), fo);
+      at::Tensor loss = at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat),
+                                               b.labels.reshape({-1}).to(model.device()), {}, at::Reduction::Sum, -100);
+      loss_sum += loss.item<double>();
+      (loss / double(std::max<int64_t>(1, step_tokens))).backward();
+    }
+    if (clustering) {
+      std::vector<at::Tensor> outs, grads;
+      for (const auto& [name, w] : soft) {
+        const at::Tensor& g = leaves[name].grad();
+        if (!g.defined()) continue;
+        outs.push_back(w);
+        grads.push_back(g);
+      }
+      if (!outs.empty()) torch::autograd::backward(outs, grads);
+    }
+    if (o.grad_clip > 0) {
+      std::vector<at::Tensor> params;
+      for (auto& [name, t] : model.weights()) params.push_back(t);
+      torch::nn::utils::clip_grad_norm_(params, o.grad_clip);
+    }
+    optimizer.step();
+    optimizer.zero_grad();
+
+    const double loss = loss_sum / std::max<int64_t>(1, step_tokens);
+    rep.losses.push_back(loss);
+    rep.tokens += step_tokens;
+    rep.steps_done = step + 1 - rep.start_step;
+    const bool last = step + 1 == rep.total_steps;
+    nlohmann::json line = {{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"tokens", step_tokens},
+                           {"elapsed_s", bar.elapsed()}, {"rss_mb", current_rss_bytes() / 1048576.0}};
+    if ((o.eval_every > 0 && (step + 1) % o.eval_every == 0) || last) {
+      last_val = val_loss();
+      line["val_loss"] = last_val;
+    }
+    if (metrics.is_open()) metrics << line.dump() << "\n" << std::flush;
+    const bool stop = o.should_stop && o.should_stop();
+    if (!o.checkpoint_path.empty() &&
+        (stop || (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0)))
+      save_checkpoint(o.checkpoint_path, model, clustering, optimizer, step + 1, fp);
+    const double tps = rep.tokens / std::max(1e-9, bar.elapsed());
+    bar.update(step + 1, fmt::format("loss {:.4f} val {:.4f} | {:.0f} tok/s | RSS {:.0f} MB", loss, last_val, tps,
+                                     current_rss_bytes() / 1048576.0));
+    if (stop && !last) {
+      rep.interrupted = true;
+      break;
+    }
+  }
+  rep.val_loss_end = last_val;
+  rep.seconds = bar.elapsed();
+  bar.finish(fmt::format("val loss {:.4f} -> {:.4f}", rep.val_loss_start, rep.val_loss_end));
+  rep.peak_rss = peak_rss_bytes();
+  for (auto& [name, t] : model.weights()) t = t.detach();
+  return rep;
+}
+
+}  // namespace edkm

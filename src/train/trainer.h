@@ -1,0 +1,59 @@
+// The fine-tuning loop: AdamW with warm-up and cosine decay, gradient accumulation, gradient
+// clipping, periodic validation, atomic checkpoints and exact resume. With a Clustering, every
+// optimizer step runs DKM once on each clustered weight and the forward pass uses the
+// soft-clustered weights; without one it is plain fine-tuning (the memory baseline).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "model/llama.h"
+#include "train/clustering.h"
+#include "train/data.h"
+
+namespace edkm {
+
+struct TrainOptions {
+  int64_t steps = 0;          // optimizer steps; 0: one epoch
+  int64_t batch = 8;          // examples per micro-batch
+  int64_t grad_accum = 1;     // micro-batches per optimizer step
+  double lr = 3e-4;
+  double min_lr_ratio = 0.1;  // cosine decays to lr * min_lr_ratio
+  int64_t warmup = 0;         // linear warm-up steps
+  double weight_decay = 0.0;  // AdamW, matrices only (not norms)
+  double beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8;
+  double grad_clip = 1.0;     // max global gradient norm; 0: off
+  int64_t eval_every = 0;     // validation every N steps (0: at the start and the end only)
+  int64_t eval_batch = 16;
+  int64_t checkpoint_every = 0;
+  std::string checkpoint_path;  // "" = no checkpoints
+  bool resume = false;          // continue from checkpoint_path
+  uint64_t seed = 0;            // data order
+  bool checkpoint_layers = false;
+  bool quiet = false;
+  std::string metrics_path;     // JSONL, one line per step ("" = none)
+  std::function<bool()> should_stop;  // polled after each step; true: checkpoint and return
+};
+
+struct TrainReport {
+  int64_t start_step = 0, steps_done = 0, total_steps = 0;
+  int64_t tokens = 0;          // loss tokens processed in this run
+  double seconds = 0;
+  double val_loss_start = 0, val_loss_end = 0;  // of the model as trained (soft weights under DKM)
+  std::vector<double> losses;  // training loss per step of this run
+  bool interrupted = false;
+  int64_t peak_rss = 0;
+};
+
+TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, const TrainOptions& opts);
+
+// Mean loss per loss token over `examples`, with `overrides` in the forward pass.
+double evaluate(const Llama& model, const WeightOverrides* overrides, const std::vector<Example>& examples,
+                int64_t batch, int pad_id);
+
+// The learning rate of step `step` (0-based) of `total`.
+double learning_rate(const TrainOptions& o, int64_t step, int64_t total);
+
+}  // namespace edkm
