@@ -33,6 +33,8 @@ CompressReport compress(LoadedModel& m, const CompressOptions& o) {
   r.train_examples = static_cast<int64_t>(data.train.size());
   r.val_examples = static_cast<int64_t>(data.val.size());
   r.train_tokens = data.train_tokens();
+  r.truncated = data.truncated;
+  r.dropped = data.dropped;
   const int pad = static_cast<int>(m.model.config().eos_id);
   Llama& model = m.model;
 
@@ -72,6 +74,8 @@ nlohmann::json CompressReport::to_json() const {
           {"train_examples", train_examples},
           {"val_examples", val_examples},
           {"train_tokens", train_tokens},
+          {"truncated_examples", truncated},
+          {"dropped_examples", dropped},
           {"clustered_weights", clustered},
           {"steps", train.total_steps},
           {"seconds", train.seconds},
@@ -82,8 +86,11 @@ nlohmann::json CompressReport::to_json() const {
 }
 
 std::string CompressReport::text() const {
-  std::string s = fmt::format("data: {} training examples ({} loss tokens), {} held out\n", train_examples, train_tokens,
+  std::string s = fmt::format("data: {} training examples ({} loss tokens), {} held out", train_examples, train_tokens,
                               val_examples);
+  if (truncated || dropped)
+    s += fmt::format("; {} examples cut at --seq-len, {} dropped (response beyond it)", truncated, dropped);
+  s += "\n";
   s += fmt::format("training: {} steps in {:.1f} s ({:.0f} tokens/s), peak RSS {:.0f} MB\n", train.total_steps,
                    train.seconds, train.tokens / std::max(1e-9, train.seconds), train.peak_rss / 1048576.0);
   s += fmt::format("validation loss (nats/token): pretrained {:.4f} | k-means, no training {:.4f} | DKM soft {:.4f} | "

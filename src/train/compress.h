@@ -28,6 +28,7 @@ struct CompressReport {
   TrainReport train;
   std::string out;
   int64_t train_examples = 0, val_examples = 0, train_tokens = 0;
+  int64_t truncated = 0, dropped = 0;  // Alpaca examples cut at, or wholly beyond, seq_len
   int64_t clustered = 0;
   // Validation loss (nats/token) of the pretrained model, of post-training k-means (the initial
   // palettes, hard-assigned), of the trained model with soft weights, and of the file written.

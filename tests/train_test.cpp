@@ -1,0 +1,243 @@
+// compress: data preparation, clustering plans, exact resume, the Alpaca path, and bad input.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <sys/wait.h>
+
+#include <filesystem>
+
+#include "common/atomic_file.h"
+#include "common/error.h"
+#include "export/format.h"
+#include "model/load.h"
+#include "test_util.h"
+#include "train/compress.h"
+
+namespace edkm {
+namespace {
+
+const std::string kStories = "models/stories260K/stories260K.bin";
+
+TEST(Data, AlpacaTemplateAndResponseOnlyLoss) {
+  // The Stanford Alpaca prompt, character for character.
+  EXPECT_EQ(alpaca_prompt("Say hi.", ""),
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+            "\n\n### Instruction:\nSay hi.\n\n### Response:\n");
+  EXPECT_EQ(alpaca_prompt("Add.", "2 and 3"),
+            "Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd.\n\n### Input:\n"
+            "2 and 3\n\n### Response:\n");
+  test::TempDir tmp;
+  write_file_atomic(tmp / "a.jsonl", R"({"instruction": "Say hi.", "input": "", "output": "Hi there"})" "\n"
+                                     R"({"instruction": "Add.", "input": "2 and 3", "output": "5"})" "\n");
+  auto tok = load_tokenizer(test::asset("models/stories260K/tok512.bin"), 512);
+  DataOptions o;
+  o.val_fraction = 0;
+  Dataset d = load_dataset(tmp / "a.jsonl", *tok, o);
+  ASSERT_EQ(d.kind, "alpaca");
+  ASSERT_EQ(d.train.size(), 2u);
+  // Example 1: inputs are BOS + prompt + response; exactly the response and EOS carry a loss.
+  const Example& e = d.train[0];
+  std::vector<int> full = tok->encode(alpaca_prompt("Say hi.", "") + "Hi there", true, true);
+  EXPECT_EQ(e.tokens, std::vector<int>(full.begin(), full.end() - 1));
+  std::vector<int> scored;
+  for (size_t i = 0; i < e.labels.size(); ++i)
+    if (e.labels[i] >= 0) {
+      EXPECT_EQ(e.labels[i], full[i + 1]);
+      scored.push_back(e.labels[i]);
+    }
+  ASSERT_FALSE(scored.empty());
+  EXPECT_EQ(scored.back(), tok->eos_id());
+  scored.pop_back();
+  EXPECT_EQ(tok->decode(scored), "Hi there");
+  // Every target before the response is masked.
+  const size_t prompt_len = tok->encode(alpaca_prompt("Say hi.", ""), true, false).size();
+  for (size_t i = 0; i + 1 < prompt_len; ++i) EXPECT_EQ(e.labels[i], -100) << i;
+  EXPECT_EQ(d.train_tokens(), static_cast<int64_t>(scored.size() + 1 + tok->encode(alpaca_prompt("Add.", "2 and 3") + "5", true, true).size() -
+                                                    tok->encode(alpaca_prompt("Add.", "2 and 3"), true, false).size()));
+}
+
+TEST(Data, TextWindowsAndHeldOutTail) {
+  test::TempDir tmp;
+  std::string text;
+  for (int i = 0; i < 200; ++i) text += "Once upon a time there was a cat. ";
+  write_file_atomic(tmp / "t.txt", text);
+  auto tok = load_tokenizer(test::asset("models/stories260K/tok512.bin"), 512);
+  DataOptions o;
+  o.seq_len = 32;
+  o.val_fraction = 0.25;
+  Dataset d = load_dataset(tmp / "t.txt", *tok, o);
+  std::vector<int> all = tok->encode(text, true, false);
+  const size_t windows = (all.size() - 1 + 31) / 32;
+  EXPECT_EQ(d.train.size() + d.val.size(), windows);
+  EXPECT_EQ(d.val.size(), static_cast<size_t>(std::llround(0.25 * windows)));
+  // Window 0: inputs all[0, 32), targets all[1, 33).
+  EXPECT_EQ(d.train[0].tokens, std::vector<int>(all.begin(), all.begin() + 32));
+  EXPECT_EQ(d.train[0].labels, std::vector<int>(all.begin() + 1, all.begin() + 33));
+  // The held-out windows are the end of the text.
+  EXPECT_EQ(d.val.back().labels.back(), all.back());
+  // Epoch orders: permutations, reproducible, different per epoch.
+  auto a = epoch_order(50, 7, 0), b = epoch_order(50, 7, 0), c = epoch_order(50, 7, 1);
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+  std::sort(c.begin(), c.end());
+  for (int64_t i = 0; i < 50; ++i) EXPECT_EQ(c[i], i);
+}
+
+TEST(Schedule, WarmupThenCosine) {
+  TrainOptions o;
+  o.lr = 1.0;
+  o.min_lr_ratio = 0.1;
+  o.warmup = 4;
+  EXPECT_DOUBLE_EQ(learning_rate(o, 0, 14), 0.25);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 3, 14), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate(o, 4, 14), 1.0);                  // cosine starts at the peak
+  EXPECT_NEAR(learning_rate(o, 9, 14), 0.1 + 0.9 * 0.5, 1e-12);   // halfway
+  EXPECT_NEAR(learning_rate(o, 14, 14), 0.1, 1e-12);
+}
+
+TEST(Plan, RulesSelectSkipAndOverride) {
+  LoadedModel m = load_model(test::asset(kStories));
+  ClusteringPlan p;
+  EXPECT_EQ(p.resolve(m.model).size(), 35u);  // 7 projections x 5 layers
+  p.apply_json(nlohmann::json::parse(R"({
+    "bits": 2,
+    "rules": [
+      {"pattern": "model\\.layers\\.0\\..*", "skip": true},
+      {"pattern": ".*mlp\\.down_proj.*", "bits": 4, "group_size": 16},
+      {"pattern": "model\\.embed_tokens\\.weight", "bits": 6}
+    ]})"), "plan.json");
+  auto r = p.resolve(m.model);
+  EXPECT_EQ(r.size(), 28u + 1u);
+  for (const auto& [name, cfg] : r) {
+    EXPECT_EQ(name.find("layers.0."), std::string::npos);
+    const bool down = name.find("down_proj") != std::string::npos;
+    EXPECT_EQ(cfg.bits, down ? 4 : name == "model.embed_tokens.weight" ? 6 : 2) << name;
+    EXPECT_EQ(cfg.group_size, down ? 16 : 0) << name;
+  }
+  ClusteringPlan none;
+  none.apply_json(nlohmann::json::parse(R"({"rules": [{"pattern": ".*", "skip": true}]})"), "none.json");
+  EXPECT_THROW(none.resolve(m.model), InputError);
+  ClusteringPlan bad;
+  EXPECT_THROW(bad.apply_json(nlohmann::json::parse(R"({"bits": 9})"), "b.json"), InputError);
+  EXPECT_THROW(bad.apply_json(nlohmann::json::parse(R"({"bitz": 3})"), "b.json"), InputError);
+  EXPECT_THROW(bad.apply_json(nlohmann::json::parse(R"({"rules": [{"pattern": "(["}]})"), "b.json"), InputError);
+}
+
+CompressOptions small_run(const test::TempDir& tmp, const std::string& out) {
+  CompressOptions o;
+  o.data_path = test::asset("eval/tinystories/val_a.txt");
+  o.out = tmp / out;
+  o.plan.defaults.bits = 3;
+  o.data.seq_len = 64;
+  o.data.val_fraction = 0.02;
+  o.train.steps = 6;
+  o.train.batch = 4;
+  o.train.grad_accum = 2;
+  o.train.lr = 1e-3;
+  o.train.warmup = 2;
+  o.train.quiet = true;
+  o.train.checkpoint_path = tmp / (out + ".ckpt");
+  return o;
+}
+
+TEST(Compress, InterruptedAndResumedRunEqualsUninterrupted) {
+  test::TempDir tmp;
+  LoadedModel a = load_model(test::asset(kStories));
+  CompressReport full = compress(a, small_run(tmp, "full.edkm"));
+  ASSERT_FALSE(full.train.interrupted);
+  ASSERT_EQ(full.train.losses.size(), 6u);
+
+  LoadedModel b = load_model(test::asset(kStories));
+  CompressOptions o = small_run(tmp, "split.edkm");
+  int calls = 0;
+  o.train.should_stop = [&] { return ++calls == 3; };  // "Ctrl-C" during step 3
+  CompressReport first = compress(b, o);
+  ASSERT_TRUE(first.train.interrupted);
+  EXPECT_EQ(first.train.steps_done, 3);
+  EXPECT_FALSE(std::filesystem::exists(tmp / "split.edkm"));  // nothing written but the checkpoint
+
+  LoadedModel c = load_model(test::asset(kStories));
+  o.train.should_stop = nullptr;
+  o.train.resume = true;
+  CompressReport second = compress(c, o);
+  ASSERT_EQ(second.train.start_step, 3);
+  ASSERT_EQ(second.train.losses.size(), 3u);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(first.train.losses[i], full.train.losses[i]);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(second.train.losses[i], full.train.losses[3 + i]);
+  // Bitwise the same model: same thread count, same data order, same palettes.
+  CompressedModel x = read_compressed(tmp / "full.edkm"), y = read_compressed(tmp / "split.edkm");
+  for (const auto& [name, t] : x.dense) EXPECT_TRUE(at::equal(t, y.dense.at(name))) << name;
+  for (const auto& [name, p] : x.packed) {
+    EXPECT_TRUE(at::equal(p.indices, y.packed.at(name).indices)) << name;
+    EXPECT_TRUE(at::equal(p.palette, y.packed.at(name).palette)) << name;
+  }
+  EXPECT_EQ(full.val_exported, second.val_exported);
+
+  // Resuming with different settings is refused.
+  LoadedModel d = load_model(test::asset(kStories));
+  o.train.lr = 5e-4;
+  EXPECT_THROW(compress(d, o), InputError);
+}
+
+TEST(Compress, AlpacaEndToEnd) {
+  test::TempDir tmp;
+  LoadedModel m = load_model(test::asset(kStories));
+  CompressOptions o = small_run(tmp, "alpaca.edkm");
+  o.data_path = test::asset("finetune/alpaca_small_2000.json");
+  o.data.seq_len = 256;  // the 512-token vocabulary spends ~100 tokens on the prompt alone
+  o.data.val_fraction = 0.05;
+  o.train.steps = 4;
+  CompressReport r = compress(m, o);
+  EXPECT_EQ(r.train_examples + r.val_examples + r.dropped, 2000);
+  EXPECT_LT(r.dropped, 100);
+  EXPECT_GT(r.train_tokens, 10000);
+  EXPECT_TRUE(std::isfinite(r.val_exported));
+  EXPECT_EQ(r.clustered, 35);
+  CompressedModel back = read_compressed(tmp / "alpaca.edkm");
+  EXPECT_EQ(back.packed.size(), 35u);
+  EXPECT_EQ(back.packed.begin()->second.bits, 3);
+  EXPECT_NEAR(r.size.clustered_bits_per_weight(), 3.0, 0.1);
+}
+
+// Runs the CLI; returns its exit status and stderr.
+std::pair<int, std::string> run_cli(const std::string& args, const test::TempDir& tmp) {
+  const std::string err = tmp / "stderr.txt";
+  int status = std::system((std::string(EDKM_BINARY) + " " + args + " > /dev/null 2> " + err).c_str());
+  return {WEXITSTATUS(status), read_file(err)};
+}
+
+TEST(Compress, BadInputIsReportedAndWritesNothing) {
+  test::TempDir tmp;
+  const std::string model = test::asset(kStories);
+  const std::string base = "compress -q --steps 1 --seq-len 32 -m " + model;
+  auto expect_fails = [&](const std::string& args, const std::string& message) {
+    auto [code, err] = run_cli(base + " " + args + " -o " + tmp / "out.edkm", tmp);
+    EXPECT_EQ(code, 1) << args << "\n" << err;
+    EXPECT_NE(err.find(message), std::string::npos) << args << "\n" << err;
+    EXPECT_FALSE(std::filesystem::exists(tmp / "out.edkm")) << args;
+  };
+  expect_fails("-d " + tmp / "missing.txt", "missing.txt: data file not found");
+  write_file_atomic(tmp / "empty.txt", "  \n\n");
+  expect_fails("-d " + tmp / "empty.txt", "empty.txt: the data file is empty");
+  write_file_atomic(tmp / "long.jsonl", R"({"instruction": ")" + std::string(400, 'x') + R"(", "input": "", "output": "y"})" "\n");
+  expect_fails("-d " + tmp / "long.jsonl", "longer than --seq-len 32");
+  write_file_atomic(tmp / "bad.jsonl", "{\"instruction\": 1}\n");
+  expect_fails("-d " + tmp / "bad.jsonl", "bad.jsonl: example 1");
+  write_file_atomic(tmp / "none.json", R"({"rules": [{"pattern": ".*", "skip": true}]})");
+  const std::string text = test::asset("eval/tinystories/val_a.txt");
+  expect_fails("-d " + text + " --config " + tmp / "none.json", "selects no weights");
+  write_file_atomic(tmp / "bits.json", R"({"bits": 12})");
+  expect_fails("-d " + text + " --config " + tmp / "bits.json", "bits must be in 1..8");
+  {
+    auto [code, err] = run_cli(base + " -d " + text + " --bits 0 -o " + tmp / "out.edkm", tmp);
+    EXPECT_NE(code, 0);
+  }
+  auto [code, err] = run_cli(base + " -d " + text + " -o /nonexistent/dir/out.edkm", tmp);
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(err.find("/nonexistent/dir/out.edkm: directory /nonexistent/dir does not exist"), std::string::npos) << err;
+  expect_fails("-d " + text + " --resume", "no checkpoint to resume from");
+}
+
+}  // namespace
+}  // namespace edkm
