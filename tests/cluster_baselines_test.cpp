@@ -95,7 +95,9 @@ TEST(RTN, HandComputedTwoBit) {
   EXPECT_TRUE(at::allclose(grouped.view({-1}).narrow(0, 0, 2), g0, 1e-6, 1e-7)) << grouped;
   EXPECT_TRUE(at::allclose(grouped.view({-1}).narrow(0, 2, 2), g1, 1e-6, 1e-7)) << grouped;
   EXPECT_THROW(rtn_quantize(w, {0, 0, false}), std::invalid_argument);
-  EXPECT_THROW(rtn_quantize(w.view({1, 4}), {2, 3, false}), std::invalid_argument);
+  // A ragged last group: [-1, -0.2, 0.3] and [0.9].
+  at::Tensor ragged = rtn_quantize(w.view({1, 4}), {2, 3, false});
+  EXPECT_TRUE(at::allclose(ragged.view({-1}).narrow(0, 3, 1), at::tensor({0.9f}), 1e-6, 1e-7)) << ragged;
 }
 
 }  // namespace

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "train/compress.h"
+
 namespace edkm::bench {
 
 // Seconds of the fastest of `reps` runs of f, after one warm-up run.
@@ -71,5 +73,41 @@ struct ModelBenchResult {
 ModelBenchResult run_model_bench(const ModelBenchOptions& opts);
 std::string format_table(const ModelBenchResult& r);
 nlohmann::json to_json(const ModelBenchResult& r);
+
+// `edkm bench compress`: held-out perplexity of the compression methods at several bit widths,
+// on the same data with the same fine-tuning budget, and the peak memory of DKM fine-tuning
+// beside plain fine-tuning.
+struct CompressBenchOptions {
+  std::string model;           // default: stories260K
+  std::string data;            // default: TinyStories val_a.txt
+  std::vector<int> bits{3, 2};
+  int64_t rtn_group = 64;      // RTN: asymmetric, one scale and zero per 64 weights of a row
+  int64_t memory_steps = 6;    // steps of the memory comparison (4-layer dim-512 model)
+};
+
+struct CompressBenchRow {
+  std::string method;
+  int bits = 0;                // 0: full precision
+  double bits_per_weight = 0;  // of the projections, palettes / scales / zeros included
+  double val_loss = 0;
+  double perplexity() const;
+};
+
+struct MemoryRow {
+  std::string model, mode;     // mode: "fine-tune" or "DKM b-bit"
+  int64_t peak_tensor_bytes = 0, peak_rss = 0;
+  double seconds_per_step = 0;
+};
+
+struct CompressBenchResult {
+  int threads = 0;
+  int64_t train_tokens = 0, val_tokens = 0, steps = 0;
+  std::vector<CompressBenchRow> rows;
+  std::vector<MemoryRow> memory;
+  std::string markdown() const;
+};
+
+CompressBenchResult run_compress_bench(const CompressBenchOptions& opts, const CompressOptions& train_opts);
+nlohmann::json to_json(const CompressBenchResult& r);
 
 }  // namespace edkm::bench

@@ -5,6 +5,7 @@
 
 #include "bench/bench.h"
 #include "cli/commands.h"
+#include "train/compress.h"
 
 namespace edkm::cli {
 
@@ -45,6 +46,29 @@ void register_bench(CLI::App& app) {
       std::cout << bench::to_json(r).dump(2) << "\n";
     else
       std::cout << bench::format_table(r);
+  });
+
+  auto* comp = bench->add_subcommand("compress", "Held-out perplexity of RTN, k-means and DKM at 3 and 2 bits, and DKM's memory");
+  auto copts = std::make_shared<bench::CompressBenchOptions>();
+  auto ctrain = std::make_shared<CompressOptions>();
+  auto cjson = std::make_shared<bool>(false);
+  copts->model = std::string(EDKM_DEFAULT_ASSETS) + "/models/stories260K/stories260K.bin";
+  copts->data = std::string(EDKM_DEFAULT_ASSETS) + "/eval/tinystories/val_a.txt";
+  ctrain->train.lr = 1e-3;
+  comp->add_option("-m,--model", copts->model, "Model to compress");
+  comp->add_option("-d,--data", copts->data, "Data: the last --val-fraction is held out");
+  comp->add_option("--bits", copts->bits, "Bit widths")->check(CLI::Range(1, 8));
+  comp->add_option("--rtn-group", copts->rtn_group, "RTN group size along rows");
+  comp->add_option("--lr", ctrain->train.lr, "Fine-tuning learning rate");
+  comp->add_option("--steps", ctrain->train.steps, "Fine-tuning steps (default: one epoch)");
+  comp->add_option("--seq-len", ctrain->data.seq_len, "Tokens per sequence");
+  comp->add_flag("--json", *cjson, "Print the results as JSON");
+  add_runner(comp, [copts, ctrain, cjson] {
+    bench::CompressBenchResult r = bench::run_compress_bench(*copts, *ctrain);
+    if (*cjson)
+      std::cout << bench::to_json(r).dump(2) << "\n";
+    else
+      std::cout << r.markdown();
   });
 }
 

@@ -140,7 +140,8 @@ at::Tensor weighted_kmeans(const at::Tensor& values, const at::Tensor& counts, i
 struct RTNConfig {
   int bits = 4;
   // 0: one scale per tensor; g > 0: one scale (and zero point) per g consecutive weights of a
-  // row, along the input dimension (the GPTQ / llama.cpp convention).
+  // row, along the input dimension (the GPTQ / llama.cpp convention); when g does not divide
+  // the row, its last group is shorter.
   int64_t group_size = 0;
   bool symmetric = false;
 };

@@ -9,22 +9,10 @@
 
 namespace edkm {
 
-at::Tensor rtn_quantize(const at::Tensor& weight, const RTNConfig& cfg) {
-  if (cfg.bits < 1 || cfg.bits > 8) throw_invalid("RTN bits must be in 1..8, got {}", cfg.bits);
-  if (cfg.group_size < 0) throw_invalid("RTN group_size must be >= 0, got {}", cfg.group_size);
-  if (!weight.defined() || weight.numel() == 0) throw_invalid("RTN: empty weight");
-  detail::check_finite(weight, "weight");
-  at::NoGradGuard no_grad;
-  const int64_t rows = weight.dim() == 1 ? 1 : weight.size(0);
-  const int64_t cols = weight.numel() / rows;
-  at::Tensor w = weight.detach().to(at::kFloat);
-  if (cfg.group_size == 0) {
-    w = w.reshape({1, -1});
-  } else {
-    if (cols % cfg.group_size != 0)
-      throw_invalid("RTN group_size {} does not divide the {} input columns", cfg.group_size, cols);
-    w = w.reshape({-1, cfg.group_size});
-  }
+namespace {
+
+// Quantize-dequantize each row of w [groups, n] as one group.
+at::Tensor quantize_groups(const at::Tensor& w, const RTNConfig& cfg) {
   const double maxq = double((1 << cfg.bits) - 1);
   at::Tensor lo = at::clamp_max(std::get<0>(w.min(1, true)), 0);
   at::Tensor hi = at::clamp_min(std::get<0>(w.max(1, true)), 0);
@@ -38,7 +26,28 @@ at::Tensor rtn_quantize(const at::Tensor& weight, const RTNConfig& cfg) {
   at::Tensor scale = (hi - lo) / maxq;
   at::Tensor zero = cfg.symmetric ? at::full_like(scale, (maxq + 1) / 2) : at::round(-lo / scale);
   at::Tensor q = at::clamp(at::round(w / scale) + zero, 0, maxq);
-  return (scale * (q - zero)).to(weight.scalar_type()).view(weight.sizes());
+  return scale * (q - zero);
+}
+
+}  // namespace
+
+at::Tensor rtn_quantize(const at::Tensor& weight, const RTNConfig& cfg) {
+  if (cfg.bits < 1 || cfg.bits > 8) throw_invalid("RTN bits must be in 1..8, got {}", cfg.bits);
+  if (cfg.group_size < 0) throw_invalid("RTN group_size must be >= 0, got {}", cfg.group_size);
+  if (!weight.defined() || weight.numel() == 0) throw_invalid("RTN: empty weight");
+  detail::check_finite(weight, "weight");
+  at::NoGradGuard no_grad;
+  const int64_t rows = weight.dim() == 1 ? 1 : weight.size(0);
+  const int64_t cols = weight.numel() / rows;
+  at::Tensor w = weight.detach().to(at::kFloat).reshape({rows, cols});
+  if (cfg.group_size == 0) return quantize_groups(w.reshape({1, -1}), cfg).to(weight.scalar_type()).view(weight.sizes());
+  // Groups of group_size consecutive weights along each row; the last one may be shorter.
+  std::vector<at::Tensor> parts;
+  for (int64_t c0 = 0; c0 < cols; c0 += cfg.group_size) {
+    const int64_t len = std::min(cfg.group_size, cols - c0);
+    parts.push_back(quantize_groups(w.narrow(1, c0, len), cfg));
+  }
+  return at::cat(parts, 1).to(weight.scalar_type()).view(weight.sizes());
 }
 
 }  // namespace edkm

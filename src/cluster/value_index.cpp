@@ -115,21 +115,20 @@ class PatternIndex final : public ValueIndex {
     at::Tensor nonfinite = (patterns.bitwise_and(mask) == mask).unsqueeze(0) & present;
     if (nonfinite.any().item<bool>()) throw_nonfinite(weight_, rounding_);
 
-    // Position of each present pattern in its group's list of distinct values, in the
-    // flattened [G * U] tables; absent patterns point at entry 0 of their group (never read).
-    at::Tensor pos = (present.cumsum(1) - 1).clamp_min(0);
+    // Each present pattern's row in the flattened [G * U] tables. Only these (U entries per
+    // group) are kept between forward and backward; the 65,536-entry view is rebuilt per pass.
+    at::Tensor pos = present.cumsum(1) - 1;
     umax_ = present.sum(1).max().item<int64_t>();
     at::Tensor group = at::arange(layout_.groups, pos.options()).unsqueeze(1);
-    lut_index_ = (pos + group * umax_).view({-1});
     present_ = present.view({-1}).nonzero().view({-1});
+    slot_ = (pos + group * umax_).view({-1}).index_select(0, present_);
 
     const auto cdt = compute_dtype(weight_);
     at::Tensor decoded = patterns.to(at::kShort).view(rounding_).to(cdt).repeat({layout_.groups});
-    at::Tensor dst = lut_index_.index_select(0, present_);
     at::Tensor values = at::zeros({layout_.groups * umax_}, weight_.options().dtype(cdt));
     at::Tensor counts = at::zeros_like(values);
-    values.index_put_({dst}, decoded.index_select(0, present_));
-    counts.index_put_({dst}, hist.view({-1}).index_select(0, present_).to(cdt));
+    values.index_put_({slot_}, decoded.index_select(0, present_));
+    counts.index_put_({slot_}, hist.view({-1}).index_select(0, present_).to(cdt));
     values_ = values.view({layout_.groups, umax_, 1});
     counts_ = counts.view({layout_.groups, umax_});
   }
@@ -171,38 +170,23 @@ class PatternIndex final : public ValueIndex {
     at::Tensor acc = at::zeros({layout_.groups * kPatterns}, weight_.options().dtype(at::kDouble));
     at::Tensor gr = grad.contiguous().view(weight_.sizes());
     if (cpu_kernels_) {
-      std::mutex mu;
-      double* total = acc.data_ptr<double>();
       dispatch([&](auto w_tag, auto r_tag, auto scaled_tag) {
         using W = decltype(w_tag);
         using R = decltype(r_tag);
+        using A = acc_t<W>;
         constexpr bool kScaled = decltype(scaled_tag)::value;
         const W* gptr = gr.data_ptr<W>();
-        // Each thread sums into a buffer for the group its rows are in and flushes it when the
-        // group changes: no per-weight atomics.
-        for_each_row_range<W>([&](int64_t r0, int64_t r1, auto&& row) {
-          std::vector<double> local(kPatterns, 0.0);
-          int64_t cur = r0 / layout_.rows_per_group;
-          auto flush = [&] {
-            std::lock_guard<std::mutex> lock(mu);
-            double* dst = total + cur * kPatterns;
-            for (int64_t p = 0; p < kPatterns; ++p) dst[p] += local[p];
-            std::fill(local.begin(), local.end(), 0.0);
+        accumulate_rows<double, W>(acc.data_ptr<double>(), [&](int64_t r, A s, const W* w, double* const* t) {
+          const W* gw = gptr + r * layout_.cols;
+          auto add = [&](double* table, int64_t c) {
+            A v = static_cast<A>(gw[c]);
+            if constexpr (kScaled) v = v * s;
+            table[pattern_of<W, R, kScaled>(w[c], s)] += v;
           };
-          for (int64_t r = r0; r < r1; ++r) {
-            auto [g, s, w] = row(r);
-            if (g != cur) {
-              flush();
-              cur = g;
-            }
-            const W* gw = gptr + r * layout_.cols;
-            for (int64_t c = 0; c < layout_.cols; ++c) {
-              acc_t<W> v = static_cast<acc_t<W>>(gw[c]);
-              if constexpr (kScaled) v = v * s;
-              local[pattern_of<W, R, kScaled>(w[c], s)] += v;
-            }
-          }
-          flush();
+          int64_t c = 0;
+          for (; c + kWays <= layout_.cols; c += kWays)
+            for (int k = 0; k < kWays; ++k) add(t[k], c + k);
+          for (; c < layout_.cols; ++c) add(t[0], c);
         });
       });
     } else {
@@ -214,7 +198,7 @@ class PatternIndex final : public ValueIndex {
       });
     }
     at::Tensor compact = at::zeros({layout_.groups * umax_}, acc.options());
-    compact.index_put_({lut_index_.index_select(0, present_)}, acc.index_select(0, present_));
+    compact.index_put_({slot_}, acc.index_select(0, present_));
     return compact.view({layout_.groups, umax_, 1});
   }
 
@@ -260,9 +244,10 @@ class PatternIndex final : public ValueIndex {
   }
 
  private:
-  // A [G, U, ...] per-value table laid out per pattern: [G * 65536].
+  // A [G, U, ...] per-value table laid out per pattern: [G * 65536] (absent patterns: 0).
   at::Tensor spread(const at::Tensor& table) const {
-    return table.contiguous().view({-1}).index_select(0, lut_index_);
+    at::Tensor flat = table.contiguous().view({-1});
+    return at::zeros({layout_.groups * kPatterns}, flat.options()).index_put_({present_}, flat.index_select(0, slot_));
   }
 
   template <typename A>
@@ -295,6 +280,42 @@ class PatternIndex final : public ValueIndex {
     at::parallel_for(0, layout_.rows, row_grain(), [&](int64_t r0, int64_t r1) { f(r0, r1, row); });
   }
 
+  // Scatter-accumulation over rows into per-pattern tables (the histogram and the gradient sum).
+  // Runs of equal patterns are common (near-zero weights), and one table would serialise the
+  // read-modify-writes on store-to-load forwarding; kWays interleaved tables per thread break
+  // that chain. Each thread covers a range of rows and flushes its tables into total[group]
+  // when the group changes: no per-weight atomics.
+  static constexpr int kWays = 4;
+  template <typename T, typename W, typename Total, typename Body>
+  void accumulate_rows(Total* total, Body&& body) const {
+    std::mutex mu;
+    for_each_row_range<W>([&](int64_t r0, int64_t r1, auto&& row) {
+      std::vector<T> local(kWays * kPatterns, T(0));
+      T* tables[kWays];
+      for (int k = 0; k < kWays; ++k) tables[k] = local.data() + k * kPatterns;
+      int64_t cur = r0 / layout_.rows_per_group;
+      auto flush = [&] {
+        std::lock_guard<std::mutex> lock(mu);
+        Total* dst = total + cur * kPatterns;
+        for (int64_t p = 0; p < kPatterns; ++p) {
+          Total sum = 0;
+          for (int k = 0; k < kWays; ++k) sum += tables[k][p];
+          dst[p] += sum;
+        }
+        std::fill(local.begin(), local.end(), T(0));
+      };
+      for (int64_t r = r0; r < r1; ++r) {
+        auto [g, s, w] = row(r);
+        if (g != cur) {
+          flush();
+          cur = g;
+        }
+        body(r, s, w, tables);
+      }
+      flush();
+    });
+  }
+
   // Parallel loop over rows: f(row, group, scale, weight row pointer).
   template <typename W, typename F>
   void for_each_row(F&& f) const {
@@ -325,30 +346,15 @@ class PatternIndex final : public ValueIndex {
   at::Tensor histogram() const {
     at::Tensor hist = at::zeros({layout_.groups * kPatterns}, weight_.options().dtype(at::kLong));
     if (cpu_kernels_) {
-      std::mutex mu;
-      int64_t* total = hist.data_ptr<int64_t>();
       dispatch([&](auto w_tag, auto r_tag, auto scaled_tag) {
         using W = decltype(w_tag);
         using R = decltype(r_tag);
         constexpr bool kScaled = decltype(scaled_tag)::value;
-        for_each_row_range<W>([&](int64_t r0, int64_t r1, auto&& row) {
-          std::vector<uint32_t> local(kPatterns, 0);
-          int64_t cur = r0 / layout_.rows_per_group;
-          auto flush = [&] {
-            std::lock_guard<std::mutex> lock(mu);
-            int64_t* dst = total + cur * kPatterns;
-            for (int64_t p = 0; p < kPatterns; ++p) dst[p] += local[p];
-            std::fill(local.begin(), local.end(), 0u);
-          };
-          for (int64_t r = r0; r < r1; ++r) {
-            auto [g, s, w] = row(r);
-            if (g != cur) {
-              flush();
-              cur = g;
-            }
-            for (int64_t c = 0; c < layout_.cols; ++c) ++local[pattern_of<W, R, kScaled>(w[c], s)];
-          }
-          flush();
+        accumulate_rows<uint32_t, W>(hist.data_ptr<int64_t>(), [&](int64_t, acc_t<W> s, const W* w, uint32_t* const* t) {
+          int64_t c = 0;
+          for (; c + kWays <= layout_.cols; c += kWays)
+            for (int k = 0; k < kWays; ++k) ++t[k][pattern_of<W, R, kScaled>(w[c + k], s)];
+          for (; c < layout_.cols; ++c) ++t[0][pattern_of<W, R, kScaled>(w[c], s)];
         });
       });
       return hist;
@@ -365,8 +371,8 @@ class PatternIndex final : public ValueIndex {
   at::ScalarType rounding_;
   bool cpu_kernels_;
   int64_t umax_ = 0;
-  at::Tensor lut_index_;  // [G * 65536] int64: pattern -> row of the flattened [G * U] tables
-  at::Tensor present_;    // positions in [G * 65536] of the patterns that occur
+  at::Tensor present_;  // positions in [G * 65536] of the patterns that occur
+  at::Tensor slot_;     // their rows in the flattened [G * U] tables
 };
 
 // ---------------------------------------------------------------------------------------------
