@@ -210,7 +210,7 @@ std::pair<int, std::string> run_cli(const std::string& args, const test::TempDir
 TEST(Compress, BadInputIsReportedAndWritesNothing) {
   test::TempDir tmp;
   const std::string model = test::asset(kStories);
-  const std::string base = "compress -q --steps 1 --seq-len 32 -m " + model;
+  const std::string base = "compress -t 1 -q --steps 1 --seq-len 32 -m " + model;
   auto expect_fails = [&](const std::string& args, const std::string& message) {
     auto [code, err] = run_cli(base + " " + args + " -o " + tmp / "out.edkm", tmp);
     EXPECT_EQ(code, 1) << args << "\n" << err;

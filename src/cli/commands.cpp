@@ -16,6 +16,7 @@ void register_commands(CLI::App& app) {
   register_compress(app);
   register_generate(app);
   register_perplexity(app);
+  register_export(app);
   register_convert(app);
   register_bench(app);
 }

@@ -18,5 +18,6 @@ void register_generate(CLI::App& app);
 void register_perplexity(CLI::App& app);
 void register_convert(CLI::App& app);
 void register_compress(CLI::App& app);
+void register_export(CLI::App& app);
 
 }  // namespace edkm::cli

@@ -204,12 +204,15 @@ std::vector<std::string> Llama::projection_names() const {
 at::ScalarType Llama::dtype() const { return weight("model.embed_tokens.weight").scalar_type(); }
 at::Device Llama::device() const { return weight("model.embed_tokens.weight").device(); }
 
+// Kernel-served weights are storage-less stand-ins: casting or moving one would allocate it.
 void Llama::to(at::ScalarType dtype) {
-  for (auto& [name, t] : weights_) t = t.to(dtype);
+  for (auto& [name, t] : weights_)
+    if (!kernels_.count(name)) t = t.to(dtype);
 }
 
 void Llama::to(at::Device device) {
-  for (auto& [name, t] : weights_) t = t.to(device);
+  for (auto& [name, t] : weights_)
+    if (!kernels_.count(name)) t = t.to(device);
 }
 
 void Llama::set_kernel(const std::string& name, std::shared_ptr<const LinearKernel> kernel) {

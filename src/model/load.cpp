@@ -4,6 +4,7 @@
 
 #include "common/error.h"
 #include "export/format.h"
+#include "export/lut_kernel.h"
 #include "model/io/hf.h"
 #include "model/io/llama2c.h"
 
@@ -16,7 +17,7 @@ LoadedModel load_model(const std::string& path, const std::string& tokenizer, bo
   const bool dir = fs::is_directory(path);
   if (!dir && is_compressed_file(path)) {
     CompressedModel c = read_compressed(path);
-    LoadedModel out{c.to_llama(at::kFloat), nullptr};
+    LoadedModel out{packed_llama(c), nullptr};
     out.tokenizer = tokenizer.empty() ? c.tokenizer() : load_tokenizer(tokenizer, static_cast<int>(c.config.vocab_size));
     if (!out.tokenizer && require_tokenizer) throw_input("{}: carries no tokenizer; pass --tokenizer", path);
     return out;

@@ -15,7 +15,8 @@ struct LoadedModel {
 };
 
 // path: a Hugging Face directory (config.json), a llama2.c .bin checkpoint, or an edkm
-// compressed model (de-palettised; its embedded tokenizer is used unless one is given).
+// compressed model (its projections computed from the packed indices by PalettizedLinear;
+// its embedded tokenizer is used unless one is given).
 // tokenizer: an explicit tokenizer file; otherwise one is looked for in the model directory
 // (tokenizer.model, tokenizer.bin) or beside a .bin checkpoint (tokenizer.bin, tok<vocab>.bin,
 // tokenizer.model). With require_tokenizer, not finding one is an InputError.

@@ -1,0 +1,178 @@
+#include "export/lut_kernel.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "common/error.h"
+
+namespace edkm {
+namespace {
+
+// The 8 consecutive b-bit indices starting at bit `pos` of the stream (8b <= 32 bits), in the
+// low bits of the result. Reads at most 8 bytes and never past `bytes`.
+inline uint64_t read_bits(const uint8_t* data, int64_t bytes, int64_t pos) {
+  const int64_t at = pos >> 3;
+  uint64_t v = 0;
+  if (at + 8 <= bytes) std::memcpy(&v, data + at, 8);
+  else std::memcpy(&v, data + at, static_cast<size_t>(bytes - at));
+  return v >> (pos & 7);
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+struct RowArgs {
+  const uint8_t* idx;
+  int64_t bytes;
+  int64_t row_bits;  // bits of one row's indices
+  int64_t cols;
+  int bits;
+  int dim;
+};
+
+// Portable: row r of W (unscaled) decoded into out[cols].
+void decode_row(const RowArgs& a, int64_t r, const float* palette, float* out) {
+  const int64_t n = a.cols / a.dim;
+  const uint64_t mask = (uint64_t(1) << a.bits) - 1;
+  int64_t pos = r * a.row_bits;
+  for (int64_t j = 0; j < n; ++j, pos += a.bits) {
+    const uint64_t u = read_bits(a.idx, a.bytes, pos) & mask;
+    std::memcpy(out + j * a.dim, palette + u * a.dim, sizeof(float) * a.dim);
+  }
+}
+
+// Portable: sum_c W[r, c] x[c] (unscaled).
+float dot_row(const RowArgs& a, int64_t r, const float* palette, const float* x) {
+  const int64_t n = a.cols / a.dim;
+  const uint64_t mask = (uint64_t(1) << a.bits) - 1;
+  int64_t pos = r * a.row_bits;
+  float acc = 0;
+  for (int64_t j = 0; j < n; ++j, pos += a.bits) {
+    const float* c = palette + (read_bits(a.idx, a.bytes, pos) & mask) * a.dim;
+    for (int e = 0; e < a.dim; ++e) acc += c[e] * x[j * a.dim + e];
+  }
+  return acc;
+}
+
+// AVX2: scalar palettes of up to 16 entries (b <= 4). Eight indices come from one load,
+// are spread over the lanes by variable shifts, and select palette entries with vpermps.
+__attribute__((target("avx2,fma"))) float dot_row_avx2(const RowArgs& a, int64_t r, const float* palette, const float* x) {
+  alignas(32) float pal[16] = {0};
+  std::memcpy(pal, palette, sizeof(float) << a.bits);
+  const __m256 lo = _mm256_load_ps(pal), hi = _mm256_load_ps(pal + 8);
+  const __m256i shifts = _mm256_setr_epi32(0, a.bits, 2 * a.bits, 3 * a.bits, 4 * a.bits, 5 * a.bits, 6 * a.bits, 7 * a.bits);
+  const __m256i mask = _mm256_set1_epi32((1 << a.bits) - 1), seven = _mm256_set1_epi32(7);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t pos = r * a.row_bits, c = 0;
+  for (; c + 8 <= a.cols; c += 8, pos += 8 * a.bits) {
+    const uint32_t v = static_cast<uint32_t>(read_bits(a.idx, a.bytes, pos));
+    const __m256i i = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(v)), shifts), mask);
+    __m256 w = _mm256_permutevar8x32_ps(lo, i);
+    if (a.bits == 4)
+      w = _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(hi, i), _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, seven)));
+    acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + c), acc);
+  }
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  float total = _mm_cvtss_f32(s);
+  const uint64_t m = (uint64_t(1) << a.bits) - 1;
+  for (; c < a.cols; ++c, pos += a.bits) total += palette[read_bits(a.idx, a.bytes, pos) & m] * x[c];
+  return total;
+}
+
+}  // namespace
+
+PalettizedLinear::PalettizedLinear(PackedWeight w) : w_(std::move(w)) {
+  palette_ = w_.palette.to(at::kCPU, at::kFloat).contiguous();
+  row_bits_ = (w_.cols() / w_.cluster_dim) * w_.bits;
+}
+
+bool PalettizedLinear::vectorised() const { return w_.cluster_dim == 1 && w_.bits <= 4 && cpu_has_avx2(); }
+
+at::Tensor PalettizedLinear::matvec(const at::Tensor& xin) const {
+  at::Tensor x = xin.to(at::kCPU, at::kFloat).contiguous();
+  const int64_t rows = w_.rows();
+  at::Tensor y = at::empty({rows}, at::kFloat);
+  const RowArgs a{w_.indices.data_ptr<uint8_t>(), w_.indices.numel(), row_bits_, w_.cols(), w_.bits, w_.cluster_dim};
+  const int64_t rpg = w_.group_size > 0 ? w_.group_size : rows;
+  const int64_t pstride = (int64_t(1) << w_.bits) * w_.cluster_dim;
+  const float* pal = palette_.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* sp = w_.scale.defined() ? w_.scale.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const bool vec = vectorised();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* p = pal + (r / rpg) * pstride;
+      const float v = vec ? dot_row_avx2(a, r, p, xp) : dot_row(a, r, p, xp);
+      yp[r] = sp ? v * sp[r] : v;
+    }
+  });
+  return y;
+}
+
+at::Tensor PalettizedLinear::matmul(const at::Tensor& xin) const {
+  at::Tensor x = xin.to(at::kCPU, at::kFloat).contiguous();
+  const int64_t rows = w_.rows(), cols = w_.cols();
+  at::Tensor y = at::empty({x.size(0), rows}, at::kFloat);
+  const RowArgs a{w_.indices.data_ptr<uint8_t>(), w_.indices.numel(), row_bits_, cols, w_.bits, w_.cluster_dim};
+  const int64_t rpg = w_.group_size > 0 ? w_.group_size : rows;
+  const int64_t pstride = (int64_t(1) << w_.bits) * w_.cluster_dim;
+  // Tiles of ~1 MB of decoded weights: small enough to stay in cache, large enough for BLAS.
+  const int64_t tile = std::max<int64_t>(1, (int64_t(1) << 18) / cols);
+  at::Tensor buf = at::empty({tile, cols}, at::kFloat);
+  for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+    const int64_t n = std::min(tile, rows - r0);
+    float* b = buf.data_ptr<float>();
+    at::parallel_for(0, n, 4, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        decode_row(a, r0 + i, palette_.data_ptr<float>() + ((r0 + i) / rpg) * pstride, b + i * cols);
+    });
+    at::Tensor t = buf.narrow(0, 0, n);
+    if (w_.scale.defined()) t = t * w_.scale.narrow(0, r0, n).unsqueeze(1);
+    y.narrow(1, r0, n).copy_(at::mm(x, t.t()));
+  }
+  return y;
+}
+
+at::Tensor PalettizedLinear::forward(const at::Tensor& x) const {
+  if (x.size(-1) != w_.cols())
+    throw_invalid("palettized linear: input has {} features, the weight {} columns", x.size(-1), w_.cols());
+  if (!x.device().is_cpu()) {  // other devices: decode on the device and use its matmul
+    return at::linear(x, w_.dense(x.scalar_type()).to(x.device()));
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = w_.rows();
+  at::Tensor flat = x.reshape({-1, w_.cols()});
+  at::Tensor y = flat.size(0) == 1 ? matvec(flat[0]).unsqueeze(0) : matmul(flat);
+  return y.to(x.scalar_type()).view(shape);
+}
+
+Llama packed_llama(const CompressedModel& m, at::ScalarType dense_dtype) {
+  std::map<std::string, at::Tensor> w;
+  std::vector<std::pair<std::string, std::shared_ptr<const LinearKernel>>> kernels;
+  for (const auto& [name, t] : m.dense) w[name] = t.to(dense_dtype);
+  for (const auto& [name, p] : m.packed) {
+    if (name == "model.embed_tokens.weight") {
+      // Embedding lookups gather rows: decode the table (a tied classifier still multiplies
+      // through the kernel).
+      w[name] = p.dense(dense_dtype);
+      if (m.config.tie_embeddings) kernels.emplace_back(name, std::make_shared<PalettizedLinear>(p));
+      continue;
+    }
+    // A stand-in with the right shape and no storage; the kernel computes the products.
+    w[name] = at::zeros({1}, dense_dtype).expand(p.shape);
+    kernels.emplace_back(name, std::make_shared<PalettizedLinear>(p));
+  }
+  Llama model(m.config, std::move(w), "compressed model");
+  for (auto& [name, k] : kernels) model.set_kernel(name, k);
+  return model;
+}
+
+}  // namespace edkm
