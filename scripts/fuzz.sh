@@ -14,7 +14,7 @@ le64() {  # the little-endian 8-byte encoding of $1
   printf "$out"
 }
 corpus=build-fuzz/corpus
-rm -rf "$corpus" && mkdir -p "$corpus/safetensors" "$corpus/llama2c"
+rm -rf "$corpus" && mkdir -p "$corpus/safetensors" "$corpus/llama2c" "$corpus/compressed"
 json='{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"__metadata__":{"format":"pt"}}'
 { le64 ${#json}; printf '%s' "$json"; head -c 8 /dev/zero; } > "$corpus/safetensors/seed1"
 stories=$assets/models/stories260K/stories260K.bin
@@ -22,7 +22,16 @@ stories=$assets/models/stories260K/stories260K.bin
 # v1: magic "ak42" (0x616b3432 little-endian), version 1, the same 7 ints, shared flag, padding
 { le64 1056540; printf '\x32\x34\x6b\x61\x01\x00\x00\x00'; head -c 28 "$stories"; printf '\x01'; head -c 219 /dev/zero; } > "$corpus/llama2c/v1"
 
-for target in safetensors llama2c; do
+# compressed: a real compressed stories260K (one training step on a little text), when the CLI
+# has been built.
+cp "$corpus/safetensors/seed1" "$corpus/compressed/seed-plain"
+if [[ -x build/edkm ]]; then
+  head -c 20000 "$assets/eval/tinystories/val_a.txt" > build-fuzz/seed.txt
+  build/edkm compress -t 1 -q -m "$stories" -d build-fuzz/seed.txt --steps 1 --seq-len 32 --val-fraction 0.5 \
+    -o "$corpus/compressed/seed" --metrics build-fuzz/seed.metrics --checkpoint build-fuzz/seed.ckpt > /dev/null
+fi
+
+for target in safetensors llama2c compressed; do
   echo "fuzz: $target for ${seconds}s"
   ./build-fuzz/fuzz_$target -max_total_time="$seconds" -print_final_stats=1 -artifact_prefix=build-fuzz/crash-$target- \
     "$corpus/$target" 2>&1 | tail -n 4

@@ -113,22 +113,28 @@ TEST(LutKernel, ProductsEqualDenseProductsOnTheDepalettizedWeights) {
   for (int b = 1; b <= 8; ++b) {
     for (int dim : {1, 2}) {
       for (int64_t g : {0, 8}) {
-        DKMConfig cfg;
-        cfg.bits = b;
-        cfg.cluster_dim = dim;
-        cfg.group_size = g;
-        cfg.per_row_scale = g > 0;
-        at::Tensor w = at::randn({48, 100}) * 0.05;
-        at::Tensor s = cfg.per_row_scale ? row_scales(w) : at::Tensor();
-        at::Tensor c = init_palette(w, cfg, s).to(at::kHalf).to(at::kFloat);
-        PalettizedLinear lin(PackedWeight::from(palettize(w, c, cfg, s)));
-        at::Tensor dense = lin.weight().dense();
-        at::Tensor x = at::randn({100}), X = at::randn({5, 100});
-        SCOPED_TRACE(fmt::format("bits {} dim {} group {} vectorised {}", b, dim, g, lin.vectorised()));
-        EXPECT_TRUE(at::allclose(lin.matvec(x), at::mv(dense, x), 1e-5, 1e-5));
-        EXPECT_TRUE(at::allclose(lin.matmul(X), at::mm(X, dense.t()), 1e-5, 1e-5));
-        EXPECT_TRUE(at::allclose(lin.forward(X.view({5, 1, 100})).view({5, 48}), at::mm(X, dense.t()), 1e-5, 1e-5));
-        if (dim == 1 && b <= 4) EXPECT_TRUE(lin.vectorised() || !__builtin_cpu_supports("avx2"));
+        // 96 columns: every row starts on a byte boundary (vector path for b <= 4); 100: not
+        // for odd b (portable path).
+        for (int64_t cols : {96, 100}) {
+          DKMConfig cfg;
+          cfg.bits = b;
+          cfg.cluster_dim = dim;
+          cfg.group_size = g;
+          cfg.per_row_scale = g > 0;
+          at::Tensor w = at::randn({48, cols}) * 0.05;
+          at::Tensor s = cfg.per_row_scale ? row_scales(w) : at::Tensor();
+          at::Tensor c = init_palette(w, cfg, s).to(at::kHalf).to(at::kFloat);
+          PalettizedLinear lin(PackedWeight::from(palettize(w, c, cfg, s)));
+          at::Tensor dense = lin.weight().dense();
+          at::Tensor x = at::randn({cols}), X = at::randn({5, cols});
+          SCOPED_TRACE(fmt::format("bits {} dim {} group {} cols {} vectorised {}", b, dim, g, cols, lin.vectorised()));
+          EXPECT_TRUE(at::allclose(lin.matvec(x), at::mv(dense, x), 1e-5, 1e-5));
+          EXPECT_TRUE(at::allclose(lin.matmul(X), at::mm(X, dense.t()), 1e-5, 1e-5));
+          EXPECT_TRUE(at::allclose(lin.forward(X.view({5, 1, cols})).view({5, 48}), at::mm(X, dense.t()), 1e-5, 1e-5));
+          const bool aligned = (cols / dim * b) % 8 == 0;
+          if (dim == 1 && b <= 4 && aligned && __builtin_cpu_supports("avx2")) EXPECT_TRUE(lin.vectorised());
+          if (!aligned || dim > 1 || b > 4) EXPECT_FALSE(lin.vectorised());
+        }
       }
     }
   }

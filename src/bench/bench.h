@@ -110,4 +110,21 @@ struct CompressBenchResult {
 CompressBenchResult run_compress_bench(const CompressBenchOptions& opts, const CompressOptions& train_opts);
 nlohmann::json to_json(const CompressBenchResult& r);
 
+// `edkm bench lut`: matrix-vector products from packed palettes beside libtorch's dense
+// products (fp32, bf16), on one 4096 x 11008 matrix and when decoding with a 4-layer dim-2048
+// model: time and bytes read per product / token.
+struct LutBenchRow {
+  std::string workload;  // "matvec 4096x11008" or "decode 4-layer dim-2048"
+  std::string storage;   // "fp32", "bf16", "3-bit LUT", "4-bit LUT"
+  double seconds = 0;    // per matvec / per token
+  int64_t bytes = 0;     // weight bytes read per matvec / per token
+};
+struct LutBenchResult {
+  int threads = 0;
+  std::vector<LutBenchRow> rows;
+  std::string table() const;
+};
+LutBenchResult run_lut_bench(int reps, int decode_tokens);
+nlohmann::json to_json(const LutBenchResult& r);
+
 }  // namespace edkm::bench

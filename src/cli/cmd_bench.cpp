@@ -70,6 +70,21 @@ void register_bench(CLI::App& app) {
     else
       std::cout << r.markdown();
   });
+
+  auto* lut = bench->add_subcommand("lut", "Matvec from packed palettes vs dense fp32/bf16: one 4096x11008 matrix, and decoding");
+  auto lreps = std::make_shared<int>(20);
+  auto ltokens = std::make_shared<int>(32);
+  auto ljson = std::make_shared<bool>(false);
+  lut->add_option("--reps", *lreps, "Timed repetitions of the matvec (best reported)")->check(CLI::Range(1, 1000));
+  lut->add_option("--tokens", *ltokens, "Tokens decoded per model")->check(CLI::Range(1, 500));
+  lut->add_flag("--json", *ljson, "Print the results as JSON");
+  add_runner(lut, [lreps, ltokens, ljson] {
+    bench::LutBenchResult r = bench::run_lut_bench(*lreps, *ltokens);
+    if (*ljson)
+      std::cout << bench::to_json(r).dump(2) << "\n";
+    else
+      std::cout << r.table();
+  });
 }
 
 }  // namespace edkm::cli

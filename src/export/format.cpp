@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 
 #include <cstring>
-#include <set>
 
 #include "common/error.h"
 #include "model/io/safetensors.h"
@@ -171,70 +170,21 @@ bool is_compressed_file(const std::string& path) {
 
 CompressedModel read_compressed(const std::string& path) {
   safetensors::File f(path);
-  const auto& meta = f.header().metadata;
-  auto get = [&](const char* key) -> const std::string& {
-    auto it = meta.find(key);
-    if (it == meta.end()) throw_input("{}: not an edkm compressed model (no '{}' in the metadata)", path, key);
-    return it->second;
-  };
-  if (get("format") != kFormatName) throw_input("{}: format '{}' is not {}", path, get("format"), kFormatName);
-  if (get("format_version") != std::to_string(kFormatVersion))
-    throw_input("{}: format version {} is not supported (this edkm reads version {})", path, get("format_version"), kFormatVersion);
+  CompressedLayout layout = parse_layout(f.header(), path);
   CompressedModel m;
-  nlohmann::json clustered;
-  try {
-    m.config = LlamaConfig::from_hf(nlohmann::json::parse(get("config")), path + " (config)");
-    clustered = nlohmann::json::parse(get("clustered"));
-  } catch (const nlohmann::json::exception& e) {
-    throw_input("{}: invalid JSON in the metadata: {}", path, e.what());
-  }
-  if (!clustered.is_object()) throw_input("{}: 'clustered' metadata is not an object", path);
-  for (const auto& [k, v] : meta)
-    if (k != "format" && k != "format_version" && k != "config" && k != "clustered" && k != "tokenizer") m.metadata[k] = v;
-
-  std::set<std::string> used;
-  auto tensor = [&](const std::string& name, at::ScalarType dtype, const std::vector<int64_t>& shape) {
-    if (!f.contains(name)) throw_input("{}: missing tensor '{}'", path, name);
-    at::Tensor t = f.tensor(name);
-    if (t.scalar_type() != dtype)
-      throw_input("{}: tensor '{}' is {}, expected {}", path, name, c10::toString(t.scalar_type()), c10::toString(dtype));
-    if (t.sizes() != at::IntArrayRef(shape))
-      throw_input("{}: tensor '{}' has shape {}, expected {}", path, name, c10::str(t.sizes()), c10::str(at::IntArrayRef(shape)));
-    used.insert(name);
-    return t;
-  };
-  for (const auto& [name, shape] : tensor_shapes(m.config)) {
-    if (!clustered.contains(name)) {
-      if (!f.contains(name)) throw_input("{}: missing tensor '{}'", path, name);
-      at::Tensor t = f.tensor(name);
-      if (!at::isFloatingType(t.scalar_type())) throw_input("{}: tensor '{}' is not floating-point", path, name);
-      m.dense[name] = tensor(name, t.scalar_type(), shape);
-      continue;
-    }
-    const auto& c = clustered[name];
+  m.config = layout.config;
+  m.metadata = layout.metadata;
+  for (const auto& name : layout.dense) m.dense[name] = f.tensor(name);
+  for (const auto& [name, l] : layout.packed) {
     PackedWeight w;
-    try {
-      w.shape = c.at("shape").get<std::vector<int64_t>>();
-      w.bits = c.at("bits").get<int>();
-      w.cluster_dim = c.at("cluster_dim").get<int>();
-      w.group_size = c.at("group_size").get<int64_t>();
-      w.settings = c.value("settings", nlohmann::json());
-      const bool scaled = c.at("per_row_scale").get<bool>();
-      if (w.shape != shape)
-        throw_input("{}: '{}' is recorded with shape {}, the config implies {}", path, name, nlohmann::json(w.shape).dump(),
-                    nlohmann::json(shape).dump());
-      if (w.bits < 1 || w.bits > 8) throw_input("{}: '{}' has {} bits (1..8 supported)", path, name, w.bits);
-      if (w.cluster_dim < 1 || w.cols() % w.cluster_dim != 0)
-        throw_input("{}: '{}': cluster_dim {} does not divide {} columns", path, name, w.cluster_dim, w.cols());
-      if (w.group_size < 0 || (w.group_size > 0 && w.rows() % w.group_size != 0))
-        throw_input("{}: '{}': group_size {} does not divide {} rows", path, name, w.group_size, w.rows());
-      const int64_t groups = w.group_size > 0 ? w.rows() / w.group_size : 1;
-      w.indices = tensor(name + ".indices", at::kByte, {(w.count() * w.bits + 7) / 8});
-      w.palette = tensor(name + ".palette", at::kHalf, {groups, int64_t(1) << w.bits, w.cluster_dim});
-      if (scaled) w.scale = tensor(name + ".scale", at::kFloat, {w.rows()});
-    } catch (const nlohmann::json::exception& e) {
-      throw_input("{}: bad 'clustered' entry for '{}': {}", path, name, e.what());
-    }
+    w.shape = l.shape;
+    w.bits = l.bits;
+    w.cluster_dim = l.cluster_dim;
+    w.group_size = l.group_size;
+    w.settings = l.settings;
+    w.indices = f.tensor(name + ".indices");
+    w.palette = f.tensor(name + ".palette");
+    if (l.scaled) w.scale = f.tensor(name + ".scale");
     const int tail = static_cast<int>(w.count() * w.bits % 8);
     if (tail && (w.indices[-1].item<uint8_t>() >> tail) != 0)
       throw_input("{}: '{}': nonzero padding bits after the last index", path, name);
@@ -242,16 +192,11 @@ CompressedModel read_compressed(const std::string& path) {
     if (w.scale.defined() && !(w.scale > 0).all().item<bool>()) throw_input("{}: '{}': scales must be positive", path, name);
     m.packed[name] = std::move(w);
   }
-  for (auto it = clustered.begin(); it != clustered.end(); ++it)
-    if (!m.packed.count(it.key())) throw_input("{}: clustered entry '{}' is not a tensor of this model", path, it.key());
-  if (f.contains("__tokenizer__")) {
+  if (layout.has_tokenizer) {
     at::Tensor t = f.tensor("__tokenizer__");
-    used.insert("__tokenizer__");
-    m.tokenizer_name = meta.count("tokenizer") ? meta.at("tokenizer") : "tokenizer";
+    m.tokenizer_name = layout.tokenizer_name;
     m.tokenizer_data.assign(static_cast<const char*>(t.data_ptr()), t.numel());
   }
-  for (const auto& n : f.names())
-    if (!used.count(n)) throw_input("{}: unexpected tensor '{}'", path, n);
   return m;
 }
 

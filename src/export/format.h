@@ -73,9 +73,31 @@ CompressedModel make_compressed(const Llama& model, const std::vector<std::pair<
                                 const std::vector<nlohmann::json>& settings, const Tokenizer* tokenizer,
                                 at::ScalarType dense_dtype = at::ScalarType::Undefined);
 
+// The structure of a compressed file, validated from its safetensors header alone (no tensor
+// data is read): format name and version, config, every tensor of the model present exactly
+// once with the right dtype and shape, index byte counts. Kept free of ATen tensors for the
+// fuzz target.
+struct PackedLayout {
+  std::vector<int64_t> shape;
+  int bits = 0, cluster_dim = 1;
+  int64_t group_size = 0;
+  bool scaled = false;
+  nlohmann::json settings;
+};
+struct CompressedLayout {
+  LlamaConfig config;
+  std::map<std::string, PackedLayout> packed;
+  std::vector<std::string> dense;
+  bool has_tokenizer = false;
+  std::string tokenizer_name;
+  std::map<std::string, std::string> metadata;  // entries beyond the format's own
+};
+namespace safetensors { struct Header; }
+CompressedLayout parse_layout(const safetensors::Header& header, const std::string& source);
+
 void write_compressed(const std::string& path, const CompressedModel& m);
-// Strict: format name and version, config, every tensor of the model present exactly once,
-// shapes, index byte counts, zero padding bits. InputError naming the file and problem.
+// Strict: parse_layout, then zero padding bits, finite palettes, positive scales. InputError
+// naming the file and problem.
 CompressedModel read_compressed(const std::string& path);
 // True if path is a safetensors file whose metadata names this format.
 bool is_compressed_file(const std::string& path);

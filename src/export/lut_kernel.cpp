@@ -59,31 +59,97 @@ float dot_row(const RowArgs& a, int64_t r, const float* palette, const float* x)
   return acc;
 }
 
-// AVX2: scalar palettes of up to 16 entries (b <= 4). Eight indices come from one load,
-// are spread over the lanes by variable shifts, and select palette entries with vpermps.
+// Vectorised rows: scalar palettes of up to 16 entries (b <= 4) whose rows start on a byte
+// boundary. Eight b-bit indices then occupy exactly b bytes, so each group of eight comes from
+// one 32-bit load at a byte address, is spread over the lanes by variable shifts, and selects
+// palette entries with a permute. Independent accumulators hide the FMA latency.
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+inline uint32_t load32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Scalar tail of a row: indices [from, cols), unscaled.
+float dot_tail(const RowArgs& a, int64_t r, int64_t from, const float* palette, const float* x) {
+  const uint64_t m = (uint64_t(1) << a.bits) - 1;
+  float total = 0;
+  for (int64_t c = from, pos = r * a.row_bits + from * a.bits; c < a.cols; ++c, pos += a.bits)
+    total += palette[read_bits(a.idx, a.bytes, pos) & m] * x[c];
+  return total;
+}
+
+// How many leading indices of row r the vector loops may take: whole groups of `lanes`, and
+// never a 32-bit load that runs past the end of the stream.
+int64_t vector_span(const RowArgs& a, int64_t r, int lanes) {
+  const int64_t start = r * a.row_bits / 8;
+  int64_t n = a.cols / lanes * lanes;
+  while (n > 0 && start + (n / 8 - 1) * a.bits + 4 > a.bytes) n -= lanes;
+  return n;
+}
+
+// (GCC does not extend a function's target attribute to lambdas inside it: helpers are functions.)
+__attribute__((target("avx2,fma"))) inline __m256 weights8(const uint8_t* q, __m256i shifts, __m256i mask, __m256 lo,
+                                                          __m256 hi, int b) {
+  const __m256i i = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(load32(q))), shifts), mask);
+  __m256 w = _mm256_permutevar8x32_ps(lo, i);
+  if (b == 4)
+    w = _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(hi, i), _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(7))));
+  return w;
+}
+
+__attribute__((target("avx512f"))) inline __m512 weights16(const uint8_t* q, __m512i shifts, __m512i mask, __m512 table, int b) {
+  const __m512i v = _mm512_inserti64x4(_mm512_set1_epi32(static_cast<int>(load32(q))),
+                                       _mm256_set1_epi32(static_cast<int>(load32(q + b))), 1);
+  return _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(v, shifts), mask), table);
+}
+
 __attribute__((target("avx2,fma"))) float dot_row_avx2(const RowArgs& a, int64_t r, const float* palette, const float* x) {
   alignas(32) float pal[16] = {0};
   std::memcpy(pal, palette, sizeof(float) << a.bits);
   const __m256 lo = _mm256_load_ps(pal), hi = _mm256_load_ps(pal + 8);
-  const __m256i shifts = _mm256_setr_epi32(0, a.bits, 2 * a.bits, 3 * a.bits, 4 * a.bits, 5 * a.bits, 6 * a.bits, 7 * a.bits);
-  const __m256i mask = _mm256_set1_epi32((1 << a.bits) - 1), seven = _mm256_set1_epi32(7);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t pos = r * a.row_bits, c = 0;
-  for (; c + 8 <= a.cols; c += 8, pos += 8 * a.bits) {
-    const uint32_t v = static_cast<uint32_t>(read_bits(a.idx, a.bytes, pos));
-    const __m256i i = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(v)), shifts), mask);
-    __m256 w = _mm256_permutevar8x32_ps(lo, i);
-    if (a.bits == 4)
-      w = _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(hi, i), _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, seven)));
-    acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + c), acc);
+  const int b = a.bits;
+  const __m256i shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+  const __m256i mask = _mm256_set1_epi32((1 << b) - 1);
+  const uint8_t* p = a.idx + r * a.row_bits / 8;
+  const int64_t n = vector_span(a, r, 8);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16, p += 2 * b) {
+    acc0 = _mm256_fmadd_ps(weights8(p, shifts, mask, lo, hi, b), _mm256_loadu_ps(x + c), acc0);
+    acc1 = _mm256_fmadd_ps(weights8(p + b, shifts, mask, lo, hi, b), _mm256_loadu_ps(x + c + 8), acc1);
   }
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  for (; c < n; c += 8, p += b) acc0 = _mm256_fmadd_ps(weights8(p, shifts, mask, lo, hi, b), _mm256_loadu_ps(x + c), acc0);
+  acc0 = _mm256_add_ps(acc0, acc1);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc0), _mm256_extractf128_ps(acc0, 1));
   s = _mm_hadd_ps(s, s);
   s = _mm_hadd_ps(s, s);
-  float total = _mm_cvtss_f32(s);
-  const uint64_t m = (uint64_t(1) << a.bits) - 1;
-  for (; c < a.cols; ++c, pos += a.bits) total += palette[read_bits(a.idx, a.bytes, pos) & m] * x[c];
-  return total;
+  return _mm_cvtss_f32(s) + dot_tail(a, r, c, palette, x);
+}
+
+// AVX-512: sixteen indices (2b bytes) per step, the whole palette in one register.
+__attribute__((target("avx512f"))) float dot_row_avx512(const RowArgs& a, int64_t r, const float* palette, const float* x) {
+  alignas(64) float pal[16] = {0};
+  std::memcpy(pal, palette, sizeof(float) << a.bits);
+  const __m512 table = _mm512_load_ps(pal);
+  const int b = a.bits;
+  const __m512i shifts = _mm512_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b, 0, b, 2 * b, 3 * b, 4 * b,
+                                           5 * b, 6 * b, 7 * b);
+  const __m512i mask = _mm512_set1_epi32((1 << b) - 1);
+  const uint8_t* p = a.idx + r * a.row_bits / 8;
+  const int64_t n = vector_span(a, r, 16);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 32 <= n; c += 32, p += 4 * b) {
+    acc0 = _mm512_fmadd_ps(weights16(p, shifts, mask, table, b), _mm512_loadu_ps(x + c), acc0);
+    acc1 = _mm512_fmadd_ps(weights16(p + 2 * b, shifts, mask, table, b), _mm512_loadu_ps(x + c + 16), acc1);
+  }
+  for (; c < n; c += 16, p += 2 * b) acc0 = _mm512_fmadd_ps(weights16(p, shifts, mask, table, b), _mm512_loadu_ps(x + c), acc0);
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + dot_tail(a, r, c, palette, x);
 }
 
 }  // namespace
@@ -93,7 +159,9 @@ PalettizedLinear::PalettizedLinear(PackedWeight w) : w_(std::move(w)) {
   row_bits_ = (w_.cols() / w_.cluster_dim) * w_.bits;
 }
 
-bool PalettizedLinear::vectorised() const { return w_.cluster_dim == 1 && w_.bits <= 4 && cpu_has_avx2(); }
+bool PalettizedLinear::vectorised() const {
+  return w_.cluster_dim == 1 && w_.bits <= 4 && row_bits_ % 8 == 0 && (cpu_has_avx2() || cpu_has_avx512());
+}
 
 at::Tensor PalettizedLinear::matvec(const at::Tensor& xin) const {
   at::Tensor x = xin.to(at::kCPU, at::kFloat).contiguous();
@@ -106,11 +174,11 @@ at::Tensor PalettizedLinear::matvec(const at::Tensor& xin) const {
   const float* xp = x.data_ptr<float>();
   const float* sp = w_.scale.defined() ? w_.scale.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const bool vec = vectorised();
+  const auto dot = !vectorised() ? dot_row : cpu_has_avx512() ? dot_row_avx512 : dot_row_avx2;
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* p = pal + (r / rpg) * pstride;
-      const float v = vec ? dot_row_avx2(a, r, p, xp) : dot_row(a, r, p, xp);
+      const float v = dot(a, r, p, xp);
       yp[r] = sp ? v * sp[r] : v;
     }
   });
