@@ -17,6 +17,8 @@ void register_commands(CLI::App& app) {
   register_generate(app);
   register_perplexity(app);
   register_export(app);
+  register_eval(app);
+  register_quantize(app);
   register_convert(app);
   register_bench(app);
 }

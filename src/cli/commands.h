@@ -19,5 +19,7 @@ void register_perplexity(CLI::App& app);
 void register_convert(CLI::App& app);
 void register_compress(CLI::App& app);
 void register_export(CLI::App& app);
+void register_eval(CLI::App& app);
+void register_quantize(CLI::App& app);
 
 }  // namespace edkm::cli

@@ -58,6 +58,8 @@ CompressReport compress(LoadedModel& m, const CompressOptions& o) {
   }
   CompressedModel cm = make_compressed(model, packed, settings, m.tokenizer.get(), o.dense_dtype);
   cm.metadata["edkm_version"] = EDKM_VERSION;
+  cm.metadata["method"] = o.cluster ? "dkm" : "fine-tuned";
+  if (o.cluster) cm.metadata["bits"] = std::to_string(o.plan.defaults.bits);
   cm.metadata["source_model"] = model.config().to_hf().dump();
   write_compressed(o.out, cm);
   // The file as written, evaluated: reading it back checks it too.
