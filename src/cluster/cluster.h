@@ -42,6 +42,8 @@ enum class DKMMethod {
   kUnique,  // hand-written forward/backward over the distinct values of the weight
   kAuto,    // unique for 16-bit scalar clustering; otherwise the same hand-written op over all
             // N values, in chunks, so memory stays bounded
+  kEDKM,    // the dense N x k formulation with eDKM's storage of saved tensors (edkm.h):
+            // marshal / uniquify / shard below choose the techniques
 };
 
 struct DKMConfig {
@@ -73,6 +75,12 @@ struct DKMConfig {
   double prune_threshold = 1e-7;
   // Lloyd iterations of the initial k-means.
   int kmeans_max_iters = 100;
+  // eDKM's techniques, for method kEDKM (edkm.h): saved tensors to a host store with a
+  // duplicate check; attention maps stored as distinct rows plus an index; the index sharded
+  // over the learners of the default process group (dist/dist.h).
+  bool marshal = false;
+  bool uniquify = false;
+  bool shard = false;
 
   int64_t k() const { return int64_t(1) << bits; }
   // Throws std::invalid_argument naming the bad field.

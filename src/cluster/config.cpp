@@ -16,6 +16,8 @@ void DKMConfig::validate() const {
     throw_invalid("zero_threshold must be in [0, 1), got {}", zero_threshold);
   if (!(prune_threshold >= 0)) throw_invalid("prune_threshold must be >= 0, got {}", prune_threshold);
   if (kmeans_max_iters < 0) throw_invalid("kmeans_max_iters must be >= 0, got {}", kmeans_max_iters);
+  if ((marshal || uniquify || shard) && method != DKMMethod::kEDKM)
+    throw_invalid("marshal / uniquify / shard are eDKM techniques of method 'edkm', not '{}'", to_string(method));
 }
 
 std::string to_string(ClusterDType t) {
@@ -42,6 +44,7 @@ std::string to_string(DKMMethod m) {
     case DKMMethod::kDense: return "dense";
     case DKMMethod::kUnique: return "unique";
     case DKMMethod::kAuto: return "auto";
+    case DKMMethod::kEDKM: return "edkm";
   }
   return "?";
 }
@@ -65,7 +68,8 @@ DKMMethod parse_dkm_method(const std::string& s) {
   if (s == "dense") return DKMMethod::kDense;
   if (s == "unique") return DKMMethod::kUnique;
   if (s == "auto") return DKMMethod::kAuto;
-  throw_invalid("unknown DKM method '{}' (expected dense, unique or auto)", s);
+  if (s == "edkm") return DKMMethod::kEDKM;
+  throw_invalid("unknown DKM method '{}' (expected dense, unique, auto or edkm)", s);
 }
 
 }  // namespace edkm

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "cluster/dkm_internal.h"
+#include "cluster/edkm.h"
 #include "cluster/uspace.h"
 #include "cluster/value_index.h"
 #include "common/error.h"
@@ -101,6 +102,7 @@ DKMResult dkm(const at::Tensor& weight, const at::Tensor& palette, const DKMConf
       return dkm_indexed(weight, c0, cfg, s, layout, pattern ? IndexKind::kPattern : IndexKind::kSorted);
     case DKMMethod::kAuto:
       return dkm_indexed(weight, c0, cfg, s, layout, pattern ? IndexKind::kPattern : IndexKind::kIdentity);
+    case DKMMethod::kEDKM: return dkm_stored(weight, c0, cfg, s, layout, nullptr, nullptr);
   }
   throw_invalid("unknown DKM method");
 }

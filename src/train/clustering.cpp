@@ -39,6 +39,9 @@ void apply_dkm_json(DKMConfig& c, const nlohmann::json& j, const std::string& so
       else if (k == "zero_threshold") c.zero_threshold = v.get<double>();
       else if (k == "prune_threshold") c.prune_threshold = v.get<double>();
       else if (k == "kmeans_max_iters") c.kmeans_max_iters = v.get<int>();
+      else if (k == "marshal") c.marshal = v.get<bool>();
+      else if (k == "uniquify") c.uniquify = v.get<bool>();
+      else if (k == "shard") c.shard = v.get<bool>();
       else throw_input("{}: unknown DKM setting '{}'", source, k);
     } catch (const nlohmann::json::exception& e) {
       throw_input("{}: setting '{}' has the wrong type: {}", source, k, e.what());
@@ -67,7 +70,10 @@ nlohmann::json dkm_to_json(const DKMConfig& c) {
           {"method", to_string(c.method)},
           {"zero_threshold", c.zero_threshold},
           {"prune_threshold", c.prune_threshold},
-          {"kmeans_max_iters", c.kmeans_max_iters}};
+          {"kmeans_max_iters", c.kmeans_max_iters},
+          {"marshal", c.marshal},
+          {"uniquify", c.uniquify},
+          {"shard", c.shard}};
 }
 
 void ClusteringPlan::apply_json(const nlohmann::json& j, const std::string& source) {
