@@ -11,6 +11,7 @@
 #include "cli/common.h"
 #include "common/atomic_file.h"
 #include "common/error.h"
+#include "dist/dist.h"
 #include "train/compress.h"
 
 namespace edkm::cli {
@@ -34,6 +35,8 @@ void register_compress(CLI::App& app) {
   auto cluster_dtype = std::make_shared<std::string>("bf16");
   auto dense_dtype = std::make_shared<std::string>("keep");
   auto no_cluster = std::make_shared<bool>(false);
+  auto nproc = std::make_shared<int>(1);
+  auto dkm_method = std::make_shared<std::string>("auto");
   auto json = std::make_shared<bool>(false);
   o->plan.defaults.bits = 3;
   o->train.lr = 1e-3;
@@ -53,6 +56,12 @@ void register_compress(CLI::App& app) {
   cmd->add_flag("--include-embeddings", o->plan.include_embeddings, "Also cluster the embeddings and classifier");
   cmd->add_option("--min-weights", o->plan.min_weights, "Leave matrices with at most this many weights unclustered");
   cmd->add_flag("--no-cluster", *no_cluster, "Plain fine-tuning without DKM (a baseline)");
+  cmd->add_option("--dkm-method", *dkm_method, "auto, unique, dense, or edkm (dense with --config's marshal/uniquify/shard)")
+      ->check(CLI::IsMember({"auto", "unique", "dense", "edkm"}));
+  cmd->add_option("--nproc", *nproc,
+                  "Data-parallel learners on this machine (c10d Gloo on loopback); a learner started by torchrun, "
+                  "Slurm or mpirun joins from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT instead")
+      ->check(CLI::Range(1, 256));
   // data
   cmd->add_option("--seq-len", o->data.seq_len, "Tokens per training sequence")->check(CLI::Range(2, 1 << 20));
   cmd->add_option("--val-fraction", o->data.val_fraction, "Held-out fraction (the end of the data)")->check(CLI::Range(0.0, 0.9));
@@ -78,6 +87,15 @@ void register_compress(CLI::App& app) {
   cmd->add_flag("-q,--quiet", o->train.quiet, "No progress bar");
   cmd->add_flag("--json", *json, "Print the report as JSON");
   add_runner(cmd, [=] {
+    if (*nproc > 1 && !Dist::env_requests_group()) std::exit(launch_local(*nproc, command_line()));
+    std::shared_ptr<Dist> dist;
+    if (Dist::env_requests_group()) {
+      dist = Dist::from_env();
+      set_default_dist(dist);
+      o->train.dist = dist;
+    }
+    const bool main_learner = !dist || dist->is_main();
+    o->plan.defaults.method = parse_dkm_method(*dkm_method);
     if (!config->empty()) {
       nlohmann::json j;
       try {
@@ -96,7 +114,7 @@ void register_compress(CLI::App& app) {
       throw_input("{}: no checkpoint to resume from", o->train.checkpoint_path);
     ModelArgs a = *args;
     if (a.dtype == "auto") a.dtype = "fp32";  // fp32 master weights; DKM rounds to --cluster-dtype
-    LoadedModel m = load_for_inference(a);
+    LoadedModel m = load_for_inference(a, /*require_tokenizer=*/true, /*verbose=*/main_learner);
     std::signal(SIGINT, on_sigint);
     o->train.should_stop = [] { return g_interrupted.load(); };
     CompressReport r = compress(m, *o);
@@ -105,6 +123,7 @@ void register_compress(CLI::App& app) {
                                r.train.start_step + r.train.steps_done, o->train.checkpoint_path);
       std::exit(130);
     }
+    if (!main_learner) return;
     if (*json) print_json(r.to_json());
     else std::cout << r.text();
   });

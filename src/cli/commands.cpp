@@ -12,6 +12,16 @@ std::map<const CLI::App*, Runner>& runners() {
 
 void add_runner(CLI::App* sub, Runner run) { runners()[sub] = std::move(run); }
 
+namespace {
+std::vector<std::string>& argv_store() {
+  static std::vector<std::string> v;
+  return v;
+}
+}  // namespace
+
+void set_command_line(int argc, char** argv) { argv_store().assign(argv, argv + argc); }
+const std::vector<std::string>& command_line() { return argv_store(); }
+
 void register_commands(CLI::App& app) {
   register_compress(app);
   register_generate(app);

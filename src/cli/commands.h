@@ -3,6 +3,8 @@
 #include <CLI/CLI.hpp>
 
 #include <functional>
+#include <string>
+#include <vector>
 
 namespace edkm::cli {
 
@@ -11,6 +13,9 @@ namespace edkm::cli {
 using Runner = std::function<void()>;
 void add_runner(CLI::App* sub, Runner run);
 void register_commands(CLI::App& app);
+// The program's own command line (data-parallel launchers re-run it as learners).
+void set_command_line(int argc, char** argv);
+const std::vector<std::string>& command_line();
 void run_selected(CLI::App& app);
 
 void register_bench(CLI::App& app);

@@ -36,7 +36,7 @@ at::Device parse_device(const std::string& s) {
   }
 }
 
-LoadedModel load_for_inference(const ModelArgs& a, bool require_tokenizer) {
+LoadedModel load_for_inference(const ModelArgs& a, bool require_tokenizer, bool verbose) {
   LoadedModel m = load_model(a.model, a.tokenizer, require_tokenizer);
   const at::Device device = parse_device(a.device);
   at::ScalarType dtype = m.model.dtype();
@@ -51,7 +51,8 @@ LoadedModel load_for_inference(const ModelArgs& a, bool require_tokenizer) {
   m.model.to(dtype);
   m.model.to(device);
   const LlamaConfig& c = m.model.config();
-  std::cerr << fmt::format("edkm: {} ({:.2f}M parameters, {} layers, dim {}, vocab {}, context {}) {} on {}, {} threads\n",
+  if (verbose)
+    std::cerr << fmt::format("edkm: {} ({:.2f}M parameters, {} layers, dim {}, vocab {}, context {}) {} on {}, {} threads\n",
                            a.model, c.num_parameters() / 1e6, c.n_layers, c.dim, c.vocab_size, c.max_seq_len,
                            c10::toString(dtype), device.str(), at::get_num_threads());
   return m;

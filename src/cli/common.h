@@ -23,7 +23,7 @@ void add_model_args(CLI::App* cmd, ModelArgs& args);
 // Loads the model (and tokenizer if required), casts and moves it, and prints a one-line
 // summary to stderr. dtype auto: bf16 files stay bf16, everything else runs in fp32 (fp16 has
 // no CPU kernels in libtorch 1.13).
-LoadedModel load_for_inference(const ModelArgs& args, bool require_tokenizer = true);
+LoadedModel load_for_inference(const ModelArgs& args, bool require_tokenizer = true, bool verbose = true);
 
 at::ScalarType parse_dtype(const std::string& s);
 at::Device parse_device(const std::string& s);

@@ -3,12 +3,15 @@
 
 #include <malloc.h>
 
+#include <cstdlib>
 #include <exception>
+#include <thread>
 #include <iostream>
 
 #include "cli/commands.h"
 #include "common/error.h"
 #include "common/threads.h"
+#include "dist/dist.h"
 
 int main(int argc, char** argv) {
   // glibc serves large blocks with mmap and returns them on free, so every training step and
@@ -24,12 +27,18 @@ int main(int argc, char** argv) {
   int threads = 0;
   app.add_option("-t,--threads", threads, "Intra-op threads (default: every core)");
   edkm::cli::register_commands(app);
+  edkm::cli::set_command_line(argc, argv);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
   try {
+    // Data-parallel learners on one machine share its cores.
+    if (threads == 0 && edkm::Dist::env_requests_group()) {
+      const int world = std::atoi(std::getenv("WORLD_SIZE"));
+      threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, world));
+    }
     edkm::configure_threads(threads);
     edkm::cli::run_selected(app);
   } catch (const std::exception& e) {

@@ -48,7 +48,8 @@ CompressReport compress(LoadedModel& m, const CompressOptions& o) {
   }
   r.train = train(model, o.cluster ? &clustering : nullptr, data, o.train);
   r.val_soft = r.train.val_loss_end;
-  if (r.train.interrupted) return r;
+  // Every learner holds the same trained model; the first writes it.
+  if (r.train.interrupted || (o.train.dist && !o.train.dist->is_main())) return r;
 
   std::vector<std::pair<std::string, Palettized>> packed;
   std::vector<nlohmann::json> settings;

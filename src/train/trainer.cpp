@@ -129,11 +129,14 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
   if (o.batch < 1 || o.grad_accum < 1) throw_invalid("batch and grad_accum must be >= 1");
   if (!(o.lr > 0)) throw_invalid("learning rate must be positive");
   const int64_t n = static_cast<int64_t>(data.train.size());
-  const int64_t per_step = o.batch * o.grad_accum;
+  const int world = o.dist ? o.dist->world() : 1, rank = o.dist ? o.dist->rank() : 0;
+  const bool main = rank == 0;
+  const int64_t per_step = o.batch * o.grad_accum * world;
   TrainReport rep;
   rep.total_steps = o.steps > 0 ? o.steps : (n + per_step - 1) / per_step;
   const int pad = static_cast<int>(model.config().eos_id);
-  const nlohmann::json fp = fingerprint(o, data, clustering, rep.total_steps);
+  nlohmann::json fp = fingerprint(o, data, clustering, rep.total_steps);
+  fp["learners"] = world;
 
   // Trainable leaves: matrices with weight decay, norms without.
   std::vector<at::Tensor> decay, no_decay;
@@ -149,7 +152,7 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
 
   if (o.resume) rep.start_step = load_checkpoint(o.checkpoint_path, model, clustering, optimizer, fp);
   std::ofstream metrics;
-  if (!o.metrics_path.empty()) {
+  if (!o.metrics_path.empty() && main) {
     metrics.open(o.metrics_path, rep.start_step > 0 ? std::ios::app : std::ios::trunc);
     if (!metrics) throw_input("{}: cannot write the metrics file", o.metrics_path);
   }
@@ -165,7 +168,7 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
   rep.val_loss_start = rep.val_loss_end = val_loss();
   double last_val = rep.val_loss_start;
 
-  Progress bar(clustering ? "compress" : "fine-tune", rep.total_steps, o.quiet);
+  Progress bar(clustering ? "compress" : "fine-tune", rep.total_steps, o.quiet || !main);
   bar.update(rep.start_step);
   std::vector<int64_t> order;
   int64_t order_epoch = -1;
@@ -174,18 +177,21 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
     for (auto& g : optimizer.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
 
     // This step's examples: positions [step * per_step, (step + 1) * per_step) of the sequence
-    // of epochs, each epoch in its own seeded order.
-    std::vector<Batch> batches;
+    // of epochs, each epoch in its own seeded order; this learner's micro-batches are
+    // rank * grad_accum .. of them. Every learner counts the whole step's loss tokens (the
+    // normaliser of the loss) from the data it holds.
+    auto example = [&](int64_t pos) {
+      if (pos / n != order_epoch) order = epoch_order(n, o.seed, order_epoch = pos / n);
+      return order[pos % n];
+    };
     int64_t step_tokens = 0;
+    for (int64_t j = 0; j < per_step; ++j)
+      for (int v : data.train[example(step * per_step + j)].labels) step_tokens += v >= 0;
+    std::vector<Batch> batches;
     for (int64_t m = 0; m < o.grad_accum; ++m) {
       std::vector<int64_t> idx;
-      for (int64_t k = 0; k < o.batch; ++k) {
-        const int64_t pos = step * per_step + m * o.batch + k;
-        if (pos / n != order_epoch) order = epoch_order(n, o.seed, order_epoch = pos / n);
-        idx.push_back(order[pos % n]);
-      }
+      for (int64_t k = 0; k < o.batch; ++k) idx.push_back(example(step * per_step + (rank * o.grad_accum + m) * o.batch + k));
       batches.push_back(make_batch(data.train, idx, pad));
-      step_tokens += batches.back().loss_tokens;
     }
 
     // DKM once per step; micro-batches accumulate into leaf copies of the soft weights, and one
@@ -205,6 +211,22 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
                                                b.labels.reshape({-1}).to(model.device()), {}, at::Reduction::Sum, -100);
       loss_sum += loss.item<double>();
       (loss / double(std::max<int64_t>(1, step_tokens))).backward();
+    }
+    if (world > 1) {
+      // Sum over learners what the micro-batches produced: the soft weights' gradients (DKM's
+      // backward then runs on the sum, identically everywhere) and the unclustered weights'.
+      std::vector<at::Tensor> reduce;
+      auto add = [&](at::Tensor& t) {
+        if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
+        reduce.push_back(t.grad());
+      };
+      for (auto& [name, leaf] : leaves) add(leaf);
+      for (auto& [name, t] : model.weights())
+        if (!leaves.count(name)) add(t);
+      at::Tensor loss_t = at::full({1}, loss_sum, at::kDouble);
+      reduce.push_back(loss_t);
+      o.dist->allreduce_sum(reduce);
+      loss_sum = loss_t.item<double>();
     }
     if (clustering) {
       std::vector<at::Tensor> outs, grads;
@@ -236,8 +258,13 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
       line["val_loss"] = last_val;
     }
     if (metrics.is_open()) metrics << line.dump() << "\n" << std::flush;
-    const bool stop = o.should_stop && o.should_stop();
-    if (!o.checkpoint_path.empty() &&
+    bool stop = o.should_stop && o.should_stop();
+    if (world > 1) {  // one learner's Ctrl-C stops all of them after the same step
+      at::Tensor flag = at::full({1}, stop ? 1.0f : 0.0f);
+      o.dist->allreduce_sum({flag});
+      stop = flag.item<float>() > 0;
+    }
+    if (!o.checkpoint_path.empty() && main &&
         (stop || (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0)))
       save_checkpoint(o.checkpoint_path, model, clustering, optimizer, step + 1, fp);
     const double tps = rep.tokens / std::max(1e-9, bar.elapsed());

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "dist/dist.h"
 #include "model/llama.h"
 #include "train/clustering.h"
 #include "train/data.h"
@@ -35,6 +36,12 @@ struct TrainOptions {
   bool quiet = false;
   std::string metrics_path;     // JSONL, one line per step ("" = none)
   std::function<bool()> should_stop;  // polled after each step; true: checkpoint and return
+  // Data-parallel learners (null: one). Each step's global batch is batch x grad_accum x world
+  // examples; learner r computes micro-batches r * grad_accum .. (r + 1) * grad_accum - 1 of it,
+  // gradients are summed over learners before DKM's backward (so that L learners with
+  // batch B/L match one learner accumulating L micro-batches of B/L, bit for bit for L = 2),
+  // and only learner 0 writes checkpoints and metrics.
+  std::shared_ptr<Dist> dist;
 };
 
 struct TrainReport {
