@@ -37,18 +37,33 @@ struct SaveStore::Entry {
 
 SaveStore::SaveStore(Options o, std::shared_ptr<Dist> dist) : opts_(o), dist_(std::move(dist)) {}
 
-size_t SaveStore::keep(const at::Tensor& t) {
-  ++stats_.saves;
-  // The duplicate check: the same storage (still alive: a freed storage's address can be
-  // reused), view and version was saved before.
-  const std::string view = fmt::format("{}/{}/{}/{}", t.storage_offset(), t.sizes(), t.strides(), t._version());
-  for (const Seen& s : seen_) {
-    if (s.view != view) continue;
+// The duplicate check: the same storage (still alive: a freed storage's address can be
+// reused), view and version was saved before. Only weak references are kept, so the store
+// never holds on to what it did not copy.
+SaveStore::Seen SaveStore::identity(const at::Tensor& t, size_t handle) {
+  return {fmt::format("{}/{}/{}/{}", t.storage_offset(), t.sizes(), t.strides(), t._version()),
+          t.storage().getWeakStorageImpl(), handle};
+}
+
+bool SaveStore::find(const std::vector<Seen>& list, const at::Tensor& t, size_t* handle) {
+  const Seen me = identity(t, 0);
+  for (const Seen& s : list) {
+    if (s.view != me.view) continue;
     auto alive = s.storage.lock();
     if (alive && alive.get() == t.storage().unsafeGetStorageImpl()) {
-      ++stats_.duplicates;
-      return s.handle;
+      *handle = s.handle;
+      return true;
     }
+  }
+  return false;
+}
+
+size_t SaveStore::keep(const at::Tensor& t) {
+  ++stats_.saves;
+  size_t h;
+  if (find(seen_, t, &h)) {
+    ++stats_.duplicates;
+    return h;
   }
   auto e = std::make_shared<Entry>();
   e->device = t.device();
@@ -64,12 +79,19 @@ size_t SaveStore::keep(const at::Tensor& t) {
     stats_.device_bytes += bytes;
   }
   entries_.push_back(e);
-  seen_.push_back({view, t.storage().getWeakStorageImpl(), entries_.size() - 1});
+  seen_.push_back(identity(t, entries_.size() - 1));
   return entries_.size() - 1;
 }
 
 size_t SaveStore::save(const at::Tensor& t, const at::Tensor& rows) {
   if (!opts_.uniquify || !rows.defined()) return keep(t);
+  // A tensor uniquified before (x is saved by every op) is not stored again.
+  size_t h;
+  if (find(unique_seen_, t, &h)) {
+    ++stats_.saves;
+    ++stats_.duplicates;
+    return h;
+  }
   // One representative row per distinct value: any will do, equal values give equal rows.
   const int64_t n = rows.numel();
   at::Tensor r = rows.to(at::kLong);
@@ -83,22 +105,21 @@ size_t SaveStore::save(const at::Tensor& t, const at::Tensor& rows) {
   if (opts_.shard && dist_ && dist_->world() > 1) {
     // This learner's slice of the index, padded so that every slice has the same length; made
     // once per index, so that the maps sharing it share the slice.
-    at::Tensor slice;
-    for (const auto& [index, piece] : shards_)
-      if (index.is_same(rows)) slice = piece;
-    if (!slice.defined()) {
+    size_t slice;
+    if (!find(shards_, rows, &slice)) {
       const int64_t L = dist_->world(), per = (n + L - 1) / L;
       at::Tensor padded = at::zeros({per * L}, rows.options());
       padded.narrow(0, 0, n).copy_(rows);
-      slice = padded.narrow(0, dist_->rank() * per, per).clone();
-      shards_.emplace_back(rows, slice);
+      slice = keep(padded.narrow(0, dist_->rank() * per, per).clone());
+      shards_.push_back(identity(rows, slice));
     }
-    e->index = keep(slice);
+    e->index = slice;
     e->sharded = true;
   } else {
     e->index = keep(rows);
   }
   entries_.push_back(e);
+  unique_seen_.push_back(identity(t, entries_.size() - 1));
   return entries_.size() - 1;
 }
 
@@ -136,7 +157,8 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
     *inertia = std::get<0>(D.min(-1)).to(at::kDouble).sum().item<double>();
     at::Tensor P = at::softmax(D.neg().div(cfg.tau), -1);
     ctx->saved_data["store"] = c10::IValue::make_capsule(st);
-    ctx->saved_data["x"] = handle(st->store->save(x));
+    // x's rows are the weight values themselves: uniquified with the same index.
+    ctx->saved_data["x"] = handle(st->store->save(x, rows.value_or(at::Tensor())));
     ctx->saved_data["P"] = handle(st->store->save(P, rows.value_or(at::Tensor())));
     ctx->saved_data["tau"] = cfg.tau;
     ctx->saved_data["z"] = cfg.zero_threshold;
@@ -164,7 +186,7 @@ struct UpdateFn : torch::autograd::Function<UpdateFn> {
     at::Tensor Cn = at::matmul(A.t(), x) / S.unsqueeze(1);
     ctx->saved_data["store"] = c10::IValue::make_capsule(st);
     ctx->saved_data["A"] = handle(st->store->save(A, rows.value_or(at::Tensor())));
-    ctx->saved_data["x"] = handle(st->store->save(x));
+    ctx->saved_data["x"] = handle(st->store->save(x, rows.value_or(at::Tensor())));
     ctx->save_for_backward({S, Cn});
     return Cn;
   }

@@ -57,11 +57,14 @@ class SaveStore {
     c10::weak_intrusive_ptr<c10::StorageImpl> storage;
     size_t handle;
   };
+  static Seen identity(const at::Tensor& t, size_t handle);
+  static bool find(const std::vector<Seen>& list, const at::Tensor& t, size_t* handle);
   Options opts_;
   std::shared_ptr<Dist> dist_;
   std::vector<std::shared_ptr<Entry>> entries_;
   std::vector<Seen> seen_;
-  std::vector<std::pair<at::Tensor, at::Tensor>> shards_;  // index -> this learner's slice
+  std::vector<Seen> shards_;       // index -> the entry of this learner's slice
+  std::vector<Seen> unique_seen_;  // tensors saved uniquified -> their entry
   SaveStats stats_;
 };
 
