@@ -127,4 +127,37 @@ struct LutBenchResult {
 LutBenchResult run_lut_bench(int reps, int decode_tokens);
 nlohmann::json to_json(const LutBenchResult& r);
 
+// `edkm bench memory`: what DKM keeps for backward on one LLaMA-7B decoder layer (bf16 weights),
+// for the dense formulation plain, with eDKM's marshaling (M), uniquification (U) and sharding
+// over L learner processes (S), and for the unique-value method.
+struct MemoryBenchOptions {
+  int bits = 3;
+  int64_t slice = int64_t(1) << 21;  // weights of q_proj the dense configurations run on
+  std::vector<int> learners{2, 4};
+};
+
+struct MemoryBenchRow {
+  std::string config;
+  int learners = 1;
+  bool extrapolated = false;
+  double seconds = 0;      // forward + backward, the layer
+  int64_t device_bytes = 0, host_bytes = 0;  // saved for backward, per learner
+  int64_t total() const { return device_bytes + host_bytes; }
+};
+
+struct MemoryBenchResult {
+  int threads = 0;
+  int64_t layer_weights = 0, slice = 0;
+  std::vector<MemoryBenchRow> rows;
+  std::string table() const;
+};
+
+MemoryBenchResult run_memory_bench(const MemoryBenchOptions& opts);
+// One learner's share of the sharded configuration (run by the learner processes): the row,
+// for the slice, measured with the default process group.
+MemoryBenchRow run_memory_learner(const MemoryBenchOptions& opts);
+nlohmann::json to_json(const MemoryBenchRow& r);
+MemoryBenchRow row_from_json(const nlohmann::json& j);
+nlohmann::json to_json(const MemoryBenchResult& r);
+
 }  // namespace edkm::bench

@@ -5,6 +5,8 @@
 
 #include "bench/bench.h"
 #include "cli/commands.h"
+#include "common/atomic_file.h"
+#include "dist/dist.h"
 #include "train/compress.h"
 
 namespace edkm::cli {
@@ -81,6 +83,30 @@ void register_bench(CLI::App& app) {
   add_runner(lut, [lreps, ltokens, ljson] {
     bench::LutBenchResult r = bench::run_lut_bench(*lreps, *ltokens);
     if (*ljson)
+      std::cout << bench::to_json(r).dump(2) << "\n";
+    else
+      std::cout << r.table();
+  });
+
+  auto* mem = bench->add_subcommand("memory", "eDKM's ablation: DKM memory for one LLaMA-7B layer, plain / +M / +M+U / +M+U+S vs unique");
+  auto mopt = std::make_shared<bench::MemoryBenchOptions>();
+  auto learner_out = std::make_shared<std::string>();
+  auto memjson = std::make_shared<bool>(false);
+  mem->add_option("--bits", mopt->bits, "Bits per weight")->check(CLI::Range(1, 8));
+  mem->add_option("--slice", mopt->slice, "Weights the dense configurations run on")->check(CLI::Range(int64_t(4096), int64_t(1) << 28));
+  mem->add_option("--learners", mopt->learners, "Learner counts for the sharded rows");
+  mem->add_option("--learner-out", *learner_out, "(internal) run as a sharding learner, rank 0 writing its row here");
+  mem->add_flag("--json", *memjson, "Print the results as JSON");
+  add_runner(mem, [mopt, learner_out, memjson] {
+    if (!learner_out->empty()) {
+      auto dist = Dist::from_env();
+      set_default_dist(dist);
+      bench::MemoryBenchRow r = bench::run_memory_learner(*mopt);
+      if (dist->is_main()) write_file_atomic(*learner_out, bench::to_json(r).dump());
+      return;
+    }
+    bench::MemoryBenchResult r = bench::run_memory_bench(*mopt);
+    if (*memjson)
       std::cout << bench::to_json(r).dump(2) << "\n";
     else
       std::cout << r.table();
