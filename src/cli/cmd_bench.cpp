@@ -5,11 +5,22 @@
 
 #include "bench/bench.h"
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "common/atomic_file.h"
 #include "dist/dist.h"
 #include "train/compress.h"
 
 namespace edkm::cli {
+namespace {
+
+// A benchmark's result: JSON with --json, its table otherwise.
+template <typename Result, typename Table>
+void print(bool json, const Result& r, Table table) {
+  if (json) print_json(bench::to_json(r));
+  else std::cout << table(r);
+}
+
+}  // namespace
 
 void register_bench(CLI::App& app) {
   auto* bench = app.add_subcommand("bench", "Benchmarks that measure side by side in one run");
@@ -29,10 +40,7 @@ void register_bench(CLI::App& app) {
   dkm->add_flag("--json", *json, "Print the results as JSON");
   add_runner(dkm, [opts, json] {
     bench::DKMBenchResult r = bench::run_dkm_bench(*opts);
-    if (*json)
-      std::cout << bench::to_json(r).dump(2) << "\n";
-    else
-      std::cout << bench::format_table(r);
+    print(*json, r, [](const auto& x) { return bench::format_table(x); });
   });
 
   auto* model = bench->add_subcommand("model", "Training-step tokens/s: a 4-layer dim-512 LLaMA and stories260K, fp32 vs bf16");
@@ -44,10 +52,7 @@ void register_bench(CLI::App& app) {
   model->add_flag("--json", *mjson, "Print the results as JSON");
   add_runner(model, [mopts, mjson] {
     bench::ModelBenchResult r = bench::run_model_bench(*mopts);
-    if (*mjson)
-      std::cout << bench::to_json(r).dump(2) << "\n";
-    else
-      std::cout << bench::format_table(r);
+    print(*mjson, r, [](const auto& x) { return bench::format_table(x); });
   });
 
   auto* comp = bench->add_subcommand("compress", "Held-out perplexity of RTN, k-means and DKM at 3 and 2 bits, and DKM's memory");
@@ -67,10 +72,7 @@ void register_bench(CLI::App& app) {
   comp->add_flag("--json", *cjson, "Print the results as JSON");
   add_runner(comp, [copts, ctrain, cjson] {
     bench::CompressBenchResult r = bench::run_compress_bench(*copts, *ctrain);
-    if (*cjson)
-      std::cout << bench::to_json(r).dump(2) << "\n";
-    else
-      std::cout << r.markdown();
+    print(*cjson, r, [](const auto& x) { return x.markdown(); });
   });
 
   auto* lut = bench->add_subcommand("lut", "Matvec from packed palettes vs dense fp32/bf16: one 4096x11008 matrix, and decoding");
@@ -82,10 +84,7 @@ void register_bench(CLI::App& app) {
   lut->add_flag("--json", *ljson, "Print the results as JSON");
   add_runner(lut, [lreps, ltokens, ljson] {
     bench::LutBenchResult r = bench::run_lut_bench(*lreps, *ltokens);
-    if (*ljson)
-      std::cout << bench::to_json(r).dump(2) << "\n";
-    else
-      std::cout << r.table();
+    print(*ljson, r, [](const auto& x) { return x.table(); });
   });
 
   auto* mem = bench->add_subcommand("memory", "eDKM's ablation: DKM memory for one LLaMA-7B layer, plain / +M / +M+U / +M+U+S vs unique");
@@ -106,10 +105,7 @@ void register_bench(CLI::App& app) {
       return;
     }
     bench::MemoryBenchResult r = bench::run_memory_bench(*mopt);
-    if (*memjson)
-      std::cout << bench::to_json(r).dump(2) << "\n";
-    else
-      std::cout << r.table();
+    print(*memjson, r, [](const auto& x) { return x.table(); });
   });
 }
 
