@@ -139,6 +139,31 @@ TEST(HfLoader, MissingFieldsTensorsAndTokenizer) {
   expect_input_error([&] { load_hf_dir(tmp / "nothing"); }, {"nothing", "no config.json"});
 }
 
+TEST(HfLoader, ShardedIndex) {
+  // The same model split over two shards with a model.safetensors.index.json.
+  test::TempDir tmp;
+  LoadedModel m = load_model(test::asset("models/stories260K/stories260K.bin"));
+  save_hf_dir(m.model, tmp / "one", at::kFloat, m.tokenizer.get());
+  std::filesystem::create_directories(tmp / "two");
+  std::vector<std::pair<std::string, at::Tensor>> a, b;
+  nlohmann::json map = nlohmann::json::object();
+  int i = 0;
+  for (const auto& [name, shape] : tensor_shapes(m.model.config())) {
+    const bool first = i++ % 2 == 0;
+    (first ? a : b).emplace_back(name, m.model.weight(name));
+    map[name] = first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+  }
+  safetensors::write(tmp / "two/model-00001-of-00002.safetensors", a);
+  safetensors::write(tmp / "two/model-00002-of-00002.safetensors", b);
+  write_file_atomic(tmp / "two/model.safetensors.index.json", nlohmann::json({{"weight_map", map}}).dump());
+  write_file_atomic(tmp / "two/config.json", read_file(tmp / "one/config.json"));
+  Llama sharded = load_hf_dir(tmp / "two");
+  for (const auto& [name, t] : m.model.weights()) EXPECT_TRUE(at::equal(t, sharded.weight(name))) << name;
+  map["model.norm.weight"] = "../escape.safetensors";
+  write_file_atomic(tmp / "two/model.safetensors.index.json", nlohmann::json({{"weight_map", map}}).dump());
+  expect_input_error([&] { load_hf_dir(tmp / "two"); }, {"index.json", "not a file in the directory"});
+}
+
 TEST(Tokenizers, Llama2BinAndSentencePieceAgree) {
   // The Llama-2 tokenizer as a llama2.c .bin (our BPE) and as a SentencePiece .model
   // (libsentencepiece, loaded in this libtorch process through the isolated shim).
