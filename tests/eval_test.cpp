@@ -143,6 +143,28 @@ TEST(Harness, LogLikelihoodsMatchDirectComputationForEveryTaskType) {
   }
 }
 
+// --heldout 0.5 on two lines scores the second line alone: its NLL from one plain forward pass.
+TEST(Harness, HeldOutPerplexityScoresOnlyTheTail) {
+  LoadedModel m = load_model(test::asset("models/stories260K/stories260K.bin"));
+  test::TempDir tmp;
+  const std::string head = "Once upon a time, there was a little girl named Lily.\n";
+  const std::string tail = "She liked to play with her ball in the park.\n";
+  write_file_atomic(tmp / "t.txt", head + tail);
+  at::NoGradGuard g;
+  PerplexityOptions o;
+  o.context = 512;
+  PerplexityTaskResult r = evaluate_perplexity(m.model, *m.tokenizer, "t", tmp / "t.txt", o, 0.5);
+  std::vector<int> t = m.tokenizer->encode(tail, true, false);
+  at::Tensor x = at::tensor(std::vector<int64_t>(t.begin(), t.end() - 1), at::kLong).view({1, -1});
+  at::Tensor lp = at::log_softmax(m.model.forward(x)[0].to(at::kDouble), -1);
+  double nll = 0;
+  for (size_t i = 1; i < t.size(); ++i) nll -= lp[i - 1][t[i]].item<double>();
+  EXPECT_EQ(r.ppl.tokens, static_cast<int64_t>(t.size()) - 1);
+  EXPECT_NEAR(r.ppl.nll, nll, 1e-3);
+  EXPECT_EQ(r.bytes, static_cast<int64_t>(tail.size()));
+  EXPECT_EQ(r.words, 10);
+}
+
 TEST(Harness, ScoringMatchesHandComputedValues) {
   Task t{"hand", "", true, {}};
   // Item 1: ll -3 over 10 bytes vs -2 over 1 byte: acc picks choice 1, acc_norm choice 0.

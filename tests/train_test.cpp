@@ -57,25 +57,40 @@ TEST(Data, AlpacaTemplateAndResponseOnlyLoss) {
                                                     tok->encode(alpaca_prompt("Add.", "2 and 3"), true, false).size()));
 }
 
+TEST(Data, HeldOutOffsetStartsAtALine) {
+  EXPECT_EQ(heldout_offset("abcd\nefgh\nij", 0), 12u);
+  EXPECT_EQ(heldout_offset("abcd\nefgh\nij", 0.5), 10u);  // byte 6 is inside "efgh": the next line
+  EXPECT_EQ(heldout_offset("abcd\nefgh", 0.5), 5u);        // byte 4 is the newline
+  // No line after the cut: the next UTF-8 character boundary ("é" is 2 bytes at 3..4).
+  EXPECT_EQ(heldout_offset("abcé", 0.2), 5u);
+  EXPECT_THROW(heldout_offset("abc", 1.0), std::invalid_argument);
+}
+
 TEST(Data, TextWindowsAndHeldOutTail) {
   test::TempDir tmp;
+  const std::string line = "Once upon a time there was a cat.\n";  // 34 bytes
   std::string text;
-  for (int i = 0; i < 200; ++i) text += "Once upon a time there was a cat. ";
+  for (int i = 0; i < 200; ++i) text += line;
   write_file_atomic(tmp / "t.txt", text);
   auto tok = load_tokenizer(test::asset("models/stories260K/tok512.bin"), 512);
   DataOptions o;
   o.seq_len = 32;
   o.val_fraction = 0.25;
   Dataset d = load_dataset(tmp / "t.txt", *tok, o);
-  std::vector<int> all = tok->encode(text, true, false);
-  const size_t windows = (all.size() - 1 + 31) / 32;
-  EXPECT_EQ(d.train.size() + d.val.size(), windows);
-  EXPECT_EQ(d.val.size(), static_cast<size_t>(std::llround(0.25 * windows)));
-  // Window 0: inputs all[0, 32), targets all[1, 33).
-  EXPECT_EQ(d.train[0].tokens, std::vector<int>(all.begin(), all.begin() + 32));
-  EXPECT_EQ(d.train[0].labels, std::vector<int>(all.begin() + 1, all.begin() + 33));
-  // The held-out windows are the end of the text.
-  EXPECT_EQ(d.val.back().labels.back(), all.back());
+  // 0.75 * 6800 bytes = 5100 = the start of line 151: the first 150 lines train, the last 50
+  // are held out, each part tokenized on its own with BOS.
+  std::string head, tail;
+  for (int i = 0; i < 150; ++i) head += line;
+  for (int i = 0; i < 50; ++i) tail += line;
+  std::vector<int> ht = tok->encode(head, true, false), tt = tok->encode(tail, true, false);
+  EXPECT_EQ(d.train.size(), (ht.size() - 1 + 31) / 32);
+  EXPECT_EQ(d.val.size(), (tt.size() - 1 + 31) / 32);
+  // Window 0: inputs ht[0, 32), targets ht[1, 33).
+  EXPECT_EQ(d.train[0].tokens, std::vector<int>(ht.begin(), ht.begin() + 32));
+  EXPECT_EQ(d.train[0].labels, std::vector<int>(ht.begin() + 1, ht.begin() + 33));
+  EXPECT_EQ(d.val[0].tokens, std::vector<int>(tt.begin(), tt.begin() + 32));
+  EXPECT_EQ(d.val.back().labels.back(), tt.back());
+  EXPECT_EQ(read_heldout_text(tmp / "t.txt", 0.25), tail);
   // Epoch orders: permutations, reproducible, different per epoch.
   auto a = epoch_order(50, 7, 0), b = epoch_order(50, 7, 0), c = epoch_order(50, 7, 1);
   EXPECT_EQ(a, b);

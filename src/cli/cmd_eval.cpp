@@ -50,6 +50,7 @@ void register_eval(CLI::App& app) {
         "piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge", "boolq", "copa"});
     auto opts = std::make_shared<EvalOptions>();
     auto ppl = std::make_shared<PerplexityOptions>();
+    auto heldout = std::make_shared<double>(0.0);
     auto assets = std::make_shared<std::string>(std::string(EDKM_DEFAULT_ASSETS));
     auto out = std::make_shared<std::string>();
     auto label = std::make_shared<std::string>();
@@ -66,6 +67,9 @@ void register_eval(CLI::App& app) {
     cmd->add_option("--max-len", opts->max_len, "Longest request in tokens (0: the model's context)")->check(CLI::NonNegativeNumber);
     cmd->add_option("--ppl-context", ppl->context, "Perplexity window (0: the model's context)")->check(CLI::NonNegativeNumber);
     cmd->add_option("--ppl-stride", ppl->stride, "Perplexity stride (0: half the window)")->check(CLI::NonNegativeNumber);
+    cmd->add_option("--heldout", *heldout,
+                    "Score only the tail of each perplexity text that `compress --val-fraction F` holds out")
+        ->check(CLI::Range(0.0, 0.9));
     cmd->add_option("--assets", *assets, "Directory holding eval/ (the shared assets)");
     cmd->add_option("-o,--out", *out, "Results JSON file");
     cmd->add_option("--label", *label, "Name of this model in reports (default: the file name)");
@@ -118,7 +122,7 @@ void register_eval(CLI::App& app) {
         if (po.context == 0) po.context = m.model.config().max_seq_len;
         if (po.stride == 0) po.stride = po.context / 2;
         Progress pb("perplexity " + name, 0, *quiet);
-        PerplexityTaskResult r = evaluate_perplexity(m.model, *m.tokenizer, name, path, po, [&](int64_t d, int64_t t) {
+        PerplexityTaskResult r = evaluate_perplexity(m.model, *m.tokenizer, name, path, po, *heldout, [&](int64_t d, int64_t t) {
           pb.set_total(t);
           pb.update(d);
         });

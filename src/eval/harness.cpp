@@ -10,6 +10,7 @@
 
 #include "common/atomic_file.h"
 #include "common/error.h"
+#include "train/data.h"
 
 namespace edkm {
 
@@ -136,19 +137,20 @@ double PerplexityTaskResult::word_perplexity() const { return std::exp(ppl.nll /
 double PerplexityTaskResult::bits_per_byte() const { return ppl.nll / (std::max<int64_t>(1, bytes) * std::log(2.0)); }
 
 nlohmann::json PerplexityTaskResult::to_json() const {
-  return {{"source", source},           {"tokens", ppl.tokens},           {"context", ppl.context},
+  return {{"source", source},           {"heldout", heldout},             {"tokens", ppl.tokens},           {"context", ppl.context},
           {"stride", ppl.stride},       {"nats_per_token", ppl.nats_per_token()}, {"token_perplexity", ppl.perplexity()},
           {"words", words},             {"word_perplexity", word_perplexity()},    {"bytes", bytes},
           {"bits_per_byte", bits_per_byte()}, {"seconds", seconds}};
 }
 
 PerplexityTaskResult evaluate_perplexity(const Llama& model, const Tokenizer& tok, const std::string& name,
-                                         const std::string& path, const PerplexityOptions& opts,
+                                         const std::string& path, const PerplexityOptions& opts, double heldout,
                                          const std::function<void(int64_t, int64_t)>& progress) {
   PerplexityTaskResult r;
   r.task = name;
   r.source = path;
-  const std::string text = read_file(path);
+  r.heldout = heldout;
+  const std::string text = read_heldout_text(path, heldout);
   std::istringstream words(text);
   for (std::string w; words >> w;) ++r.words;
   r.bytes = static_cast<int64_t>(text.size());

@@ -52,8 +52,11 @@ TaskResult evaluate_task(const Llama& model, const Tokenizer& tok, const Task& t
 
 // Perplexity of a text file, with the tokenizer-independent figures the harness reports for
 // WikiText: word perplexity exp(NLL / words) and bits per byte NLL / (bytes ln 2).
+// heldout > 0 scores only the tail of the file that `compress --val-fraction heldout` holds out
+// (train/data.h heldout_offset); words and bytes count that tail.
 struct PerplexityTaskResult {
   std::string task, source;
+  double heldout = 0;
   PerplexityResult ppl;
   int64_t words = 0, bytes = 0;
   double seconds = 0;
@@ -62,7 +65,7 @@ struct PerplexityTaskResult {
   nlohmann::json to_json() const;
 };
 PerplexityTaskResult evaluate_perplexity(const Llama& model, const Tokenizer& tok, const std::string& name,
-                                         const std::string& path, const PerplexityOptions& opts,
+                                         const std::string& path, const PerplexityOptions& opts, double heldout,
                                          const std::function<void(int64_t, int64_t)>& progress = {});
 
 }  // namespace edkm

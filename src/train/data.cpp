@@ -68,7 +68,7 @@ bool looks_like_alpaca(const std::string& path, const std::string& text) {
   return first != std::string::npos && (text[first] == '[' || text[first] == '{') && text.find("\"instruction\"") != std::string::npos;
 }
 
-// Splits examples: the last `fraction` (at least one when there are two or more) is held out.
+// Splits Alpaca examples: the last `fraction` (at least one when there are two or more) is held out.
 void split(std::vector<Example>& all, double fraction, Dataset& d) {
   int64_t nval = static_cast<int64_t>(std::llround(fraction * all.size()));
   if (fraction > 0 && nval == 0 && all.size() >= 2) nval = 1;
@@ -97,6 +97,25 @@ int64_t Dataset::train_tokens() const {
   for (const auto& e : train)
     for (int v : e.labels) n += v >= 0;
   return n;
+}
+
+size_t heldout_offset(const std::string& text, double fraction) {
+  if (!(fraction >= 0 && fraction < 1)) throw_invalid("held-out fraction must be in [0, 1), got {}", fraction);
+  if (fraction == 0) return text.size();
+  const size_t pos = static_cast<size_t>((1 - fraction) * static_cast<double>(text.size()));
+  if (pos == 0 || text[pos - 1] == '\n') return pos;
+  const size_t nl = text.find('\n', pos);
+  if (nl != std::string::npos) return nl + 1;
+  size_t p = pos;
+  while (p < text.size() && (static_cast<unsigned char>(text[p]) & 0xC0) == 0x80) ++p;
+  return p;
+}
+
+std::string read_heldout_text(const std::string& path, double fraction) {
+  std::string text = read_file(path);
+  text.erase(0, heldout_offset(text, fraction));
+  if (text.empty()) throw_input("{}: nothing left to score after holding out the last {}", path, fraction);
+  return text;
 }
 
 std::string alpaca_prompt(const std::string& instruction, const std::string& input) {
@@ -156,9 +175,15 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
       throw_input("{}: every example is longer than --seq-len {} before its response starts", path, opts.seq_len);
   } else {
     d.kind = "text";
-    std::vector<int> toks = tok.encode(text, /*bos=*/true, /*eos=*/false);
-    all = windows(toks, toks, opts.seq_len);
-    if (all.empty()) throw_input("{}: too little text for one training window", path);
+    const size_t cut = heldout_offset(text, opts.val_fraction);
+    std::vector<int> toks = tok.encode(text.substr(0, cut), /*bos=*/true, /*eos=*/false);
+    d.train = windows(toks, toks, opts.seq_len);
+    if (cut < text.size()) {
+      toks = tok.encode(text.substr(cut), /*bos=*/true, /*eos=*/false);
+      d.val = windows(toks, toks, opts.seq_len);
+    }
+    if (d.train.empty()) throw_input("{}: too little text for one training window", path);
+    return d;
   }
   split(all, opts.val_fraction, d);
   if (d.train.empty()) throw_input("{}: no training examples left after holding out {:.0f}%", path, 100 * opts.val_fraction);
