@@ -183,6 +183,7 @@ TEST(Harness, ScoringMatchesHandComputedValues) {
   // acc_norm: item 1 -0.3 vs -2 -> 0 (right); item 2 -2.5, -1.5, -1 -> 2 (right); items 3, 4 as acc.
   EXPECT_DOUBLE_EQ(r.acc_norm, 0.75);
   EXPECT_NEAR(r.acc_norm_stderr, std::sqrt(0.25 / 4), 1e-12);  // [1, 1, 1, 0]: variance 1/4
+  EXPECT_NEAR(r.chance, (0.5 + 1.0 / 3 + 0.5 + 0.5) / 4, 1e-12);
 }
 
 TEST(Report, TableAndPlot) {
@@ -192,11 +193,14 @@ TEST(Report, TableAndPlot) {
            {"fp32", 32, 4.8, 0.40}, {"rtn", 3.5, 11.4, 0.33}, {"dkm", 3.02, 5.6, 0.38}, {"dkm", 2.01, 13.7, 0.35}}) {
     results.push_back({{"label", method + std::to_string(int(bits))}, {"method", method}, {"bits_per_weight", bits},
                        {"tasks", {{"piqa", {{"n", 10}, {"acc", acc}, {"acc_stderr", 0.01}, {"acc_norm", acc}, {"acc_norm_stderr", 0.01}}},
-                                  {"copa", {{"n", 10}, {"acc", acc + 0.1}, {"acc_stderr", 0.02}}}}},
+                                  {"copa", {{"n", 10}, {"acc", acc + 0.1}, {"acc_stderr", 0.02}, {"chance", 0.5}}}}},
                        {"perplexity", {{"tinystories", {{"token_perplexity", ppl}}}}}});
   }
   const std::string md = report_markdown(results);
-  EXPECT_NE(md.find("| dkm3 | dkm | 3.02 | 38.0 ± 1.0ⁿ | 48.0 ± 2.0 | 43.0 | 5.600 |"), std::string::npos) << md;
+  // mean 43.0; its standard error sqrt(1.0^2 + 2.0^2) / 2 = 1.118.
+  EXPECT_NE(md.find("| dkm3 | dkm | 3.02 | 38.0 ± 1.0ⁿ | 48.0 ± 2.0 | 43.0 ± 1.1 | 5.600 |"), std::string::npos) << md;
+  // piqa records no chance level here, copa does; the mean is over the tasks that do.
+  EXPECT_NE(md.find("| chance (uniform guess) | | | | 50.0 | 50.0 | |"), std::string::npos) << md;
   report_plot(results, tmp / "r.png");
   const std::string png = read_file(tmp / "r.png");
   ASSERT_GT(png.size(), 1000u);

@@ -1,4 +1,6 @@
-// dist: data-parallel learners on libtorch's c10d (Gloo on CPU; NCCL in CUDA builds).
+// dist: data-parallel learners on libtorch's c10d Gloo backend. Gloo also reduces CUDA tensors
+// in CUDA builds (staging through its own buffers); an NCCL process group is not wired in: it
+// could not be built or tested without a GPU here.
 //
 // A learner joins from the usual environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
 // LOCAL_RANK: torchrun, Slurm wrappers and mpirun set them), through a TCPStore rendezvous on

@@ -99,6 +99,7 @@ TaskResult score_task(const Task& task, const std::vector<double>& ll) {
   std::vector<double> acc, norm;
   size_t k = 0;
   for (const auto& it : task.items) {
+    r.chance += 1.0 / static_cast<double>(it.choices.size()) / static_cast<double>(task.items.size());
     int best = 0, best_norm = 0;
     for (size_t c = 0; c < it.choices.size(); ++c, ++k) {
       const double bytes = static_cast<double>(it.choices[c].continuation.size());
@@ -128,7 +129,8 @@ TaskResult evaluate_task(const Llama& model, const Tokenizer& tok, const Task& t
 }
 
 nlohmann::json TaskResult::to_json() const {
-  nlohmann::json j = {{"source", source}, {"n", n}, {"acc", acc}, {"acc_stderr", acc_stderr}, {"seconds", seconds}};
+  nlohmann::json j = {{"source", source}, {"n", n}, {"acc", acc}, {"acc_stderr", acc_stderr},
+                      {"chance", chance}, {"seconds", seconds}};
   if (has_acc_norm) j["acc_norm"] = acc_norm, j["acc_norm_stderr"] = acc_norm_stderr;
   return j;
 }

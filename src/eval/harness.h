@@ -41,6 +41,7 @@ struct TaskResult {
   double acc = 0, acc_stderr = 0;
   bool has_acc_norm = false;
   double acc_norm = 0, acc_norm_stderr = 0;
+  double chance = 0;  // the accuracy of guessing uniformly: the mean over items of 1 / choices
   double seconds = 0;
   nlohmann::json to_json() const;
 };

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <map>
@@ -20,10 +21,34 @@ namespace {
 
 std::string label(const nlohmann::json& r) { return r.value("label", r.value("model", std::string("?"))); }
 
-double mean_accuracy(const nlohmann::json& r) {
+// The mean of the tasks' accuracies and its standard error, sqrt(sum se_t^2) / T (the tasks'
+// samples are independent).
+std::pair<double, double> mean_accuracy(const nlohmann::json& r) {
+  double s = 0, v = 0;
+  int n = 0;
+  for (auto it = r["tasks"].begin(); it != r["tasks"].end(); ++it) {
+    s += (*it)["acc"].get<double>();
+    v += std::pow((*it)["acc_stderr"].get<double>(), 2);
+    ++n;
+  }
+  return n ? std::make_pair(s / n, std::sqrt(v) / n) : std::make_pair(0.0, 0.0);
+}
+
+// Each task's accuracy under uniform guessing, from the first result that records it.
+std::map<std::string, double> chance_levels(const std::vector<nlohmann::json>& results) {
+  std::map<std::string, double> c;
+  for (const auto& r : results)
+    for (auto it = r["tasks"].begin(); it != r["tasks"].end(); ++it)
+      if (it->contains("chance") && !c.count(it.key())) c[it.key()] = (*it)["chance"].get<double>();
+  return c;
+}
+
+// The mean chance level over the tasks a result reports, as mean_accuracy averages them.
+double mean_chance(const nlohmann::json& r, const std::map<std::string, double>& chance) {
   double s = 0;
   int n = 0;
-  for (auto it = r["tasks"].begin(); it != r["tasks"].end(); ++it) s += (*it)["acc"].get<double>(), ++n;
+  for (auto it = r["tasks"].begin(); it != r["tasks"].end(); ++it)
+    if (chance.count(it.key())) s += chance.at(it.key()), ++n;
   return n ? s / n : 0;
 }
 
@@ -71,39 +96,56 @@ std::string report_markdown(const std::vector<nlohmann::json>& results) {
       s += fmt::format(" {:.1f} ± {:.1f}{} |", 100 * x[norm ? "acc_norm" : "acc"].get<double>(),
                        100 * x[norm ? "acc_norm_stderr" : "acc_stderr"].get<double>(), norm ? "ⁿ" : "");
     }
-    s += fmt::format(" {:.1f} |", 100 * mean_accuracy(r));
+    const auto [mean, se] = mean_accuracy(r);
+    s += fmt::format(" {:.1f} ± {:.1f} |", 100 * mean, 100 * se);
     for (const auto& p : ppl)
       s += r.contains("perplexity") && r["perplexity"].contains(p)
                ? fmt::format(" {:.3f} |", r["perplexity"][p]["token_perplexity"].get<double>())
                : std::string(" |");
     s += "\n";
   }
-  s += "\nAccuracies in % ± standard error; ⁿ: acc_norm (length-normalised), else acc. Mean acc averages acc.\n";
+  const auto chance = chance_levels(results);
+  if (!chance.empty() && !results.empty()) {
+    s += "| chance (uniform guess) | | |";
+    for (const auto& t : tasks) s += chance.count(t) ? fmt::format(" {:.1f} |", 100 * chance.at(t)) : std::string(" |");
+    s += fmt::format(" {:.1f} |", 100 * mean_chance(results.front(), chance));
+    for (size_t i = 0; i < ppl.size(); ++i) s += " |";
+    s += "\n";
+  }
+  s += "\nAccuracies in % ± standard error; ⁿ: acc_norm (length-normalised), else acc. Mean acc averages acc; "
+       "its standard error is sqrt(sum of the tasks' squared errors) / tasks.\n";
   return s;
 }
 
 void report_plot(const std::vector<nlohmann::json>& results, const std::string& png_path) {
   namespace fs = std::filesystem;
-  // One data block per method: bits/weight, perplexity, mean accuracy, sorted by bits.
-  std::map<std::string, std::vector<std::tuple<double, double, double>>> by_method;
+  // One data block per method: bits/weight, perplexity, mean accuracy and its standard error,
+  // sorted by bits.
+  std::map<std::string, std::vector<std::tuple<double, double, double, double>>> by_method;
   std::string ppl_name;
   for (const auto& r : results) {
     auto [name, ppl] = headline_perplexity(r);
     if (!name.empty()) ppl_name = name;
-    by_method[r.value("method", std::string("?"))].emplace_back(r.value("bits_per_weight", 0.0), ppl, 100 * mean_accuracy(r));
+    const auto [acc, se] = mean_accuracy(r);
+    by_method[r.value("method", std::string("?"))].emplace_back(r.value("bits_per_weight", 0.0), ppl, 100 * acc, 100 * se);
   }
+  const auto chance = chance_levels(results);
   const fs::path dir = fs::temp_directory_path() / fmt::format("edkm-report-{}", ::getpid());
   fs::create_directories(dir);
   std::string plot1, plot2;
   for (auto& [method, pts] : by_method) {
     std::sort(pts.begin(), pts.end());
     std::string data;
-    for (auto [b, p, a] : pts) data += fmt::format("{} {} {}\n", b, p, a);
+    for (auto [b, p, a, e] : pts) data += fmt::format("{} {} {} {}\n", b, p, a, e);
     const std::string file = (dir / (method + ".dat")).string();
     write_file_atomic(file, data);
     plot1 += fmt::format("{}'{}' using 1:2 with linespoints lw 2 pt 7 title '{}'", plot1.empty() ? "" : ", ", file, method);
-    plot2 += fmt::format("{}'{}' using 1:3 with linespoints lw 2 pt 7 title '{}'", plot2.empty() ? "" : ", ", file, method);
+    plot2 += fmt::format("{}'{}' using 1:3:4 with yerrorlines lw 2 pt 7 title '{}'", plot2.empty() ? "" : ", ", file, method);
   }
+  // Near-chance accuracies (small models) must look like what they are.
+  if (!chance.empty() && !results.empty())
+    plot2 += fmt::format(", {} with lines dt 2 lw 2 lc 'gray40' title 'chance (uniform guess)'",
+                         100 * mean_chance(results.front(), chance));
   const std::string tmp_png = png_path + ".tmp.png";
   const std::string script = fmt::format(
       "set terminal pngcairo size 1200,500 font ',11'\n"
