@@ -132,6 +132,10 @@ void report_plot(const std::vector<nlohmann::json>& results, const std::string& 
   const auto chance = chance_levels(results);
   const fs::path dir = fs::temp_directory_path() / fmt::format("edkm-report-{}", ::getpid());
   fs::create_directories(dir);
+  // Room around the extreme points so their error bars are not cut by the border.
+  double lo = 1e9, hi = 0;
+  for (const auto& [method, pts] : by_method)
+    for (const auto& pt : pts) lo = std::min(lo, std::get<0>(pt)), hi = std::max(hi, std::get<0>(pt));
   std::string plot1, plot2;
   for (auto& [method, pts] : by_method) {
     std::sort(pts.begin(), pts.end());
@@ -151,11 +155,11 @@ void report_plot(const std::vector<nlohmann::json>& results, const std::string& 
       "set terminal pngcairo size 1200,500 font ',11'\n"
       "set output '{}'\n"
       "set multiplot layout 1,2 title 'edkm: quality against bits per weight'\n"
-      "set grid\nset key top right\nset logscale x 2\nset xlabel 'bits per weight (clustered tensors)'\n"
+      "set grid\nset key top right\nset logscale x 2\nset xrange [{}:{}]\nset xlabel 'bits per weight (clustered tensors)'\n"
       "set ylabel '{} perplexity'\nset logscale y\nplot {}\n"
       "unset logscale y\nset ylabel 'mean zero-shot accuracy (%)'\nset key bottom right\nplot {}\n"
       "unset multiplot\n",
-      tmp_png, ppl_name.empty() ? "" : ppl_name, plot1, plot2);
+      tmp_png, lo / 1.15, hi * 1.15, ppl_name.empty() ? "" : ppl_name, plot1, plot2);
   const std::string script_file = (dir / "plot.gp").string();
   write_file_atomic(script_file, script);
   const int rc = std::system(fmt::format("gnuplot '{}' 2> '{}'", script_file, (dir / "err.txt").string()).c_str());
