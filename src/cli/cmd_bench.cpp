@@ -75,7 +75,7 @@ void register_bench(CLI::App& app) {
     print(*cjson, r, [](const auto& x) { return x.markdown(); });
   });
 
-  auto* lut = bench->add_subcommand("lut", "Matvec from packed palettes vs dense fp32/bf16: one 4096x11008 matrix, and decoding");
+  auto* lut = bench->add_subcommand("lut", "Matvec from packed palettes vs dense fp32/bf16: one 4096x11008 matrix in and out of cache, and decoding");
   auto lreps = std::make_shared<int>(20);
   auto ltokens = std::make_shared<int>(32);
   auto ljson = std::make_shared<bool>(false);

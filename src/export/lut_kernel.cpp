@@ -92,6 +92,11 @@ int64_t vector_span(const RowArgs& a, int64_t r, int lanes) {
   return n;
 }
 
+// How far ahead of the indices being decoded the loops prefetch. Out of cache (a model larger
+// than L3) the hardware prefetcher alone left the kernel waiting on memory, at half its in-cache
+// speed; 1 KB is ~1 us of work ahead. A prefetch past the end of the stream is harmless.
+constexpr int kPrefetchBytes = 1024;
+
 // (GCC does not extend a function's target attribute to lambdas inside it: helpers are functions.)
 __attribute__((target("avx2,fma"))) inline __m256 weights8(const uint8_t* q, __m256i shifts, __m256i mask, __m256 lo,
                                                           __m256 hi, int b) {
@@ -120,6 +125,7 @@ __attribute__((target("avx2,fma"))) float dot_row_avx2(const RowArgs& a, int64_t
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 16 <= n; c += 16, p += 2 * b) {
+    _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
     acc0 = _mm256_fmadd_ps(weights8(p, shifts, mask, lo, hi, b), _mm256_loadu_ps(x + c), acc0);
     acc1 = _mm256_fmadd_ps(weights8(p + b, shifts, mask, lo, hi, b), _mm256_loadu_ps(x + c + 8), acc1);
   }
@@ -145,6 +151,7 @@ __attribute__((target("avx512f"))) float dot_row_avx512(const RowArgs& a, int64_
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + 32 <= n; c += 32, p += 4 * b) {
+    _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
     acc0 = _mm512_fmadd_ps(weights16(p, shifts, mask, table, b), _mm512_loadu_ps(x + c), acc0);
     acc1 = _mm512_fmadd_ps(weights16(p + 2 * b, shifts, mask, table, b), _mm512_loadu_ps(x + c + 16), acc1);
   }
