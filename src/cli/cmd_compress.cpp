@@ -95,7 +95,9 @@ void register_compress(CLI::App& app) {
       o->train.dist = dist;
     }
     const bool main_learner = !dist || dist->is_main();
+    // Flags set the defaults; a --config file may refine them, per name pattern or globally.
     o->plan.defaults.method = parse_dkm_method(*dkm_method);
+    o->plan.defaults.cluster_dtype = parse_cluster_dtype(*cluster_dtype);
     if (!config->empty()) {
       nlohmann::json j;
       try {
@@ -105,7 +107,6 @@ void register_compress(CLI::App& app) {
       }
       o->plan.apply_json(j, *config);
     }
-    o->plan.defaults.cluster_dtype = parse_cluster_dtype(*cluster_dtype);
     o->cluster = !*no_cluster;
     if (*dense_dtype != "keep") o->dense_dtype = parse_dtype(*dense_dtype);
     if (o->train.checkpoint_path.empty()) o->train.checkpoint_path = o->out + ".ckpt";
