@@ -105,7 +105,7 @@ std::string report_markdown(const std::vector<nlohmann::json>& results) {
     s += "\n";
   }
   const auto chance = chance_levels(results);
-  if (!chance.empty() && !results.empty()) {
+  if (!chance.empty()) {
     s += "| chance (uniform guess) | | |";
     for (const auto& t : tasks) s += chance.count(t) ? fmt::format(" {:.1f} |", 100 * chance.at(t)) : std::string(" |");
     s += fmt::format(" {:.1f} |", 100 * mean_chance(results.front(), chance));
@@ -147,7 +147,7 @@ void report_plot(const std::vector<nlohmann::json>& results, const std::string& 
     plot2 += fmt::format("{}'{}' using 1:3:4 with yerrorlines lw 2 pt 7 title '{}'", plot2.empty() ? "" : ", ", file, method);
   }
   // Near-chance accuracies (small models) must look like what they are.
-  if (!chance.empty() && !results.empty())
+  if (!chance.empty())
     plot2 += fmt::format(", {} with lines dt 2 lw 2 lc 'gray40' title 'chance (uniform guess)'",
                          100 * mean_chance(results.front(), chance));
   const std::string tmp_png = png_path + ".tmp.png";
