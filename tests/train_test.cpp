@@ -64,6 +64,15 @@ TEST(Data, HeldOutOffsetStartsAtALine) {
   // No line after the cut: the next UTF-8 character boundary ("é" is 2 bytes at 3..4).
   EXPECT_EQ(heldout_offset("abcé", 0.2), 5u);
   EXPECT_THROW(heldout_offset("abc", 1.0), std::invalid_argument);
+  // A file whose held-out tail is empty is an error naming the file, not a perplexity of nothing.
+  test::TempDir tmp;
+  write_file_atomic(tmp / "short.txt", "abc\n");
+  try {
+    read_heldout_text(tmp / "short.txt", 0.1);
+    FAIL() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("short.txt: nothing left to score"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Data, TextWindowsAndHeldOutTail) {
