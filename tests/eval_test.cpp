@@ -165,6 +165,27 @@ TEST(Harness, HeldOutPerplexityScoresOnlyTheTail) {
   EXPECT_EQ(r.words, 10);
 }
 
+// The commands end to end: perplexity of a whole file (the default) and of its held-out tail.
+TEST(Cli, PerplexityOfTheWholeFileOrItsHeldOutTail) {
+  test::TempDir tmp;
+  const std::string head = "Once upon a time, there was a little girl named Lily.\n";
+  const std::string tail = "She liked to play with her ball in the park.\n";
+  write_file_atomic(tmp / "t.txt", head + tail);
+  auto tok = load_tokenizer(test::asset("models/stories260K/tok512.bin"), 512);
+  const std::string base = "perplexity -t 1 -q --json -m " + test::asset("models/stories260K/stories260K.bin") + " --text " + tmp / "t.txt";
+  for (auto [flag, text] : std::vector<std::pair<std::string, std::string>>{{"", head + tail}, {" --heldout 0.5", tail}}) {
+    test::CliResult r = test::run_cli(base + flag, tmp);
+    ASSERT_EQ(r.code, 0) << flag << "\n" << r.err;
+    const auto j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j["tokens"].get<int64_t>(), static_cast<int64_t>(tok->encode(text, true, false).size()) - 1) << flag;
+  }
+  test::CliResult r = test::run_cli("eval -t 1 -q --json --assets " + test::assets_dir() + " -m " +
+                                        test::asset("models/stories260K/stories260K.bin") + " --tasks copa --limit 4",
+                                    tmp);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["tasks"]["copa"]["n"].get<int64_t>(), 4);
+}
+
 TEST(Harness, ScoringMatchesHandComputedValues) {
   Task t{"hand", "", true, {}};
   // Item 1: ll -3 over 10 bytes vs -2 over 1 byte: acc picks choice 1, acc_norm choice 0.

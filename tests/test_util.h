@@ -4,8 +4,12 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 
 namespace edkm::test {
@@ -33,6 +37,23 @@ struct TempDir {
   ~TempDir() { std::filesystem::remove_all(path); }
   std::string operator/(const std::string& name) const { return (path / name).string(); }
 };
+
+// Runs the edkm CLI with `args` (shell words); its exit status, stdout and stderr.
+struct CliResult {
+  int code = -1;
+  std::string out, err;
+};
+inline CliResult run_cli(const std::string& args, const TempDir& tmp) {
+  const std::string out = tmp / "cli_stdout.txt", err = tmp / "cli_stderr.txt";
+  const int status = std::system((std::string(EDKM_BINARY) + " " + args + " > " + out + " 2> " + err).c_str());
+  auto slurp = [](const std::string& p) {
+    std::ifstream in(p);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  };
+  return {WEXITSTATUS(status), slurp(out), slurp(err)};
+}
 
 // Norm-wise relative error |a - b| / |b| (0 when both vanish).
 inline double rel_err(const at::Tensor& a, const at::Tensor& b) {

@@ -100,6 +100,7 @@ TEST(Data, TextWindowsAndHeldOutTail) {
   EXPECT_EQ(d.val[0].tokens, std::vector<int>(tt.begin(), tt.begin() + 32));
   EXPECT_EQ(d.val.back().labels.back(), tt.back());
   EXPECT_EQ(read_heldout_text(tmp / "t.txt", 0.25), tail);
+  EXPECT_EQ(read_heldout_text(tmp / "t.txt", 0), text);  // nothing held out: the whole file
   // Epoch orders: permutations, reproducible, different per epoch.
   auto a = epoch_order(50, 7, 0), b = epoch_order(50, 7, 0), c = epoch_order(50, 7, 1);
   EXPECT_EQ(a, b);
@@ -224,19 +225,12 @@ TEST(Compress, AlpacaEndToEnd) {
   EXPECT_NEAR(r.size.clustered_bits_per_weight(), 3.0, 0.1);
 }
 
-// Runs the CLI; returns its exit status and stderr.
-std::pair<int, std::string> run_cli(const std::string& args, const test::TempDir& tmp) {
-  const std::string err = tmp / "stderr.txt";
-  int status = std::system((std::string(EDKM_BINARY) + " " + args + " > /dev/null 2> " + err).c_str());
-  return {WEXITSTATUS(status), read_file(err)};
-}
-
 TEST(Compress, BadInputIsReportedAndWritesNothing) {
   test::TempDir tmp;
   const std::string model = test::asset(kStories);
   const std::string base = "compress -t 1 -q --steps 1 --seq-len 32 -m " + model;
   auto expect_fails = [&](const std::string& args, const std::string& message) {
-    auto [code, err] = run_cli(base + " " + args + " -o " + tmp / "out.edkm", tmp);
+    auto [code, out, err] = test::run_cli(base + " " + args + " -o " + tmp / "out.edkm", tmp);
     EXPECT_EQ(code, 1) << args << "\n" << err;
     EXPECT_NE(err.find(message), std::string::npos) << args << "\n" << err;
     EXPECT_FALSE(std::filesystem::exists(tmp / "out.edkm")) << args;
@@ -254,10 +248,10 @@ TEST(Compress, BadInputIsReportedAndWritesNothing) {
   write_file_atomic(tmp / "bits.json", R"({"bits": 12})");
   expect_fails("-d " + text + " --config " + tmp / "bits.json", "bits must be in 1..8");
   {
-    auto [code, err] = run_cli(base + " -d " + text + " --bits 0 -o " + tmp / "out.edkm", tmp);
+    auto [code, out, err] = test::run_cli(base + " -d " + text + " --bits 0 -o " + tmp / "out.edkm", tmp);
     EXPECT_NE(code, 0);
   }
-  auto [code, err] = run_cli(base + " -d " + text + " -o /nonexistent/dir/out.edkm", tmp);
+  auto [code, out, err] = test::run_cli(base + " -d " + text + " -o /nonexistent/dir/out.edkm", tmp);
   EXPECT_EQ(code, 1);
   EXPECT_NE(err.find("/nonexistent/dir/out.edkm: directory /nonexistent/dir does not exist"), std::string::npos) << err;
   expect_fails("-d " + text + " --resume", "no checkpoint to resume from");

@@ -113,7 +113,7 @@ size_t heldout_offset(const std::string& text, double fraction) {
 
 std::string read_heldout_text(const std::string& path, double fraction) {
   std::string text = read_file(path);
-  text.erase(0, heldout_offset(text, fraction));
+  if (fraction > 0) text.erase(0, heldout_offset(text, fraction));
   if (text.empty()) throw_input("{}: nothing left to score after holding out the last {}", path, fraction);
   return text;
 }
