@@ -143,37 +143,37 @@ TEST(Harness, LogLikelihoodsMatchDirectComputationForEveryTaskType) {
   }
 }
 
+// Two lines of text: --heldout 0.5 keeps the second.
+const std::string kHead = "Once upon a time, there was a little girl named Lily.\n";
+const std::string kTail = "She liked to play with her ball in the park.\n";
+
 // --heldout 0.5 on two lines scores the second line alone: its NLL from one plain forward pass.
 TEST(Harness, HeldOutPerplexityScoresOnlyTheTail) {
   LoadedModel m = load_model(test::asset("models/stories260K/stories260K.bin"));
   test::TempDir tmp;
-  const std::string head = "Once upon a time, there was a little girl named Lily.\n";
-  const std::string tail = "She liked to play with her ball in the park.\n";
-  write_file_atomic(tmp / "t.txt", head + tail);
+  write_file_atomic(tmp / "t.txt", kHead + kTail);
   at::NoGradGuard g;
   PerplexityOptions o;
   o.context = 512;
   PerplexityTaskResult r = evaluate_perplexity(m.model, *m.tokenizer, "t", tmp / "t.txt", o, 0.5);
-  std::vector<int> t = m.tokenizer->encode(tail, true, false);
+  std::vector<int> t = m.tokenizer->encode(kTail, true, false);
   at::Tensor x = at::tensor(std::vector<int64_t>(t.begin(), t.end() - 1), at::kLong).view({1, -1});
   at::Tensor lp = at::log_softmax(m.model.forward(x)[0].to(at::kDouble), -1);
   double nll = 0;
   for (size_t i = 1; i < t.size(); ++i) nll -= lp[i - 1][t[i]].item<double>();
   EXPECT_EQ(r.ppl.tokens, static_cast<int64_t>(t.size()) - 1);
   EXPECT_NEAR(r.ppl.nll, nll, 1e-3);
-  EXPECT_EQ(r.bytes, static_cast<int64_t>(tail.size()));
+  EXPECT_EQ(r.bytes, static_cast<int64_t>(kTail.size()));
   EXPECT_EQ(r.words, 10);
 }
 
 // The commands end to end: perplexity of a whole file (the default) and of its held-out tail.
 TEST(Cli, PerplexityOfTheWholeFileOrItsHeldOutTail) {
   test::TempDir tmp;
-  const std::string head = "Once upon a time, there was a little girl named Lily.\n";
-  const std::string tail = "She liked to play with her ball in the park.\n";
-  write_file_atomic(tmp / "t.txt", head + tail);
+  write_file_atomic(tmp / "t.txt", kHead + kTail);
   auto tok = load_tokenizer(test::asset("models/stories260K/tok512.bin"), 512);
   const std::string base = "perplexity -t 1 -q --json -m " + test::asset("models/stories260K/stories260K.bin") + " --text " + tmp / "t.txt";
-  for (auto [flag, text] : std::vector<std::pair<std::string, std::string>>{{"", head + tail}, {" --heldout 0.5", tail}}) {
+  for (auto [flag, text] : std::vector<std::pair<std::string, std::string>>{{"", kHead + kTail}, {" --heldout 0.5", kTail}}) {
     test::CliResult r = test::run_cli(base + flag, tmp);
     ASSERT_EQ(r.code, 0) << flag << "\n" << r.err;
     const auto j = nlohmann::json::parse(r.out);

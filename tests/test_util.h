@@ -8,9 +8,9 @@
 
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <string>
+
+#include "common/atomic_file.h"
 
 namespace edkm::test {
 
@@ -46,13 +46,7 @@ struct CliResult {
 inline CliResult run_cli(const std::string& args, const TempDir& tmp) {
   const std::string out = tmp / "cli_stdout.txt", err = tmp / "cli_stderr.txt";
   const int status = std::system((std::string(EDKM_BINARY) + " " + args + " > " + out + " 2> " + err).c_str());
-  auto slurp = [](const std::string& p) {
-    std::ifstream in(p);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  };
-  return {WEXITSTATUS(status), slurp(out), slurp(err)};
+  return {WEXITSTATUS(status), read_file(out), read_file(err)};
 }
 
 // Norm-wise relative error |a - b| / |b| (0 when both vanish).
