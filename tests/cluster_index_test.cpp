@@ -1,6 +1,7 @@
 // The fused CPU kernels of the 16-bit pattern index against its device-generic ATen path, and
 // both against a direct computation from the prepared weight.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include "cluster/layout.h"
@@ -74,6 +75,28 @@ TEST(PatternIndex, LargeTensorFewDistinctValues) {
   EXPECT_LT(U, 8000);
   at::Tensor distinct = std::get<0>(at::_unique2(w.to(at::kBFloat16).to(at::kFloat).view({-1})));
   EXPECT_EQ(U, distinct.numel());
+}
+
+TEST(PatternIndex, GradientSumsDoNotDependOnThreadTiming) {
+  // Two threads split the rows; a group that straddles the split is summed from both halves in
+  // a fixed order, so repeated runs give the same bits (bitwise resume relies on it).
+  at::manual_seed(9);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  for (int64_t group : {0, 256}) {  // 768 rows: 1 group, or 3 with the middle one split
+    SCOPED_TRACE(fmt::format("group_size {}", group));
+    DKMConfig cfg;
+    cfg.group_size = group;
+    at::Tensor w = (at::randn({768, 512}) * 0.02).to(at::kBFloat16);
+    at::Tensor G = at::randn(w.sizes()).to(at::kBFloat16);
+    GroupLayout layout = GroupLayout::of(w, cfg);
+    auto index = make_pattern_index(w, layout, cfg, {});
+    at::Tensor first = index->aggregate(G);
+    for (int rep = 0; rep < 5; ++rep) EXPECT_TRUE(at::equal(index->aggregate(G), first));
+    auto generic = make_pattern_index(w, layout, cfg, {}, Kernels::kGeneric);
+    EXPECT_LE(test::rel_err(first, generic->aggregate(G)), 1e-12);
+  }
+  at::set_num_threads(threads);
 }
 
 }  // namespace

@@ -113,9 +113,10 @@ TEST(LutKernel, ProductsEqualDenseProductsOnTheDepalettizedWeights) {
   for (int b = 1; b <= 8; ++b) {
     for (int dim : {1, 2}) {
       for (int64_t g : {0, 8}) {
-        // 96 columns: every row starts on a byte boundary (vector path for b <= 4); 100: not
-        // for odd b (portable path).
-        for (int64_t cols : {96, 100}) {
+        // 96 and 200 columns: every row starts on a byte boundary (vector path for b <= 4;
+        // 200 = one 128-index block, four groups of 16 and a scalar tail of 8); 100: not for
+        // odd b (portable path).
+        for (int64_t cols : {96, 100, 200}) {
           DKMConfig cfg;
           cfg.bits = b;
           cfg.cluster_dim = dim;
