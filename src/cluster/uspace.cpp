@@ -51,10 +51,11 @@ Attention attention(const at::Tensor& v, const at::Tensor& C, const SoftKMeans& 
                     at::Tensor* dmin = nullptr) {
   Attention a;
   a.diff = v.unsqueeze(2) - C.unsqueeze(1);
-  at::Tensor D = a.diff.pow(2).sum(-1);
+  // Scalar clustering (d = 1) needs no reduction over d.
+  at::Tensor D = a.diff.size(-1) == 1 ? a.diff.square().squeeze(-1) : a.diff.square().sum(-1);
   if (p.prune_threshold > 0) D.select(-1, 0).sub_(p.prune_threshold);
   if (dmin) *dmin = std::get<0>(D.min(-1));
-  a.P = at::softmax(D.neg().div(p.tau), -1);
+  a.P = at::softmax(D.mul(-1.0 / p.tau), -1);
   a.A = a.P.clamp_min(p.zero_threshold);
   return a;
 }

@@ -1,10 +1,11 @@
 // Products with a palettized weight computed from its packed indices, through the palette,
 // without materialising the dense matrix: y = x W^T with W[r, c] = C_g(r)[idx(r, c)] * s_r.
 //
-//   matvec (one token, decoding): each row's indices are unpacked 16 (AVX-512) or 8 (AVX2) at a
-//     time and looked up in the palette held in a vector register (vpermps), then multiplied
-//     into x; b <= 4, scalar palettes, rows starting on byte boundaries. Other cases, and CPUs
-//     without AVX2 (checked at run time), take a portable scalar loop.
+//   matvec (one token, decoding): each row's indices are unpacked 16 (AVX-512 VBMI, four rows
+//     at a time) or 8 (AVX2) at a time and looked up in the palette held in a vector register
+//     (vpermps), then multiplied into x; b <= 4, scalar palettes, rows starting on byte
+//     boundaries. Other cases, and CPUs without AVX2 (checked at run time), take a portable
+//     scalar loop.
 //   matmul (several tokens, prefill and training-free evaluation): tiles of rows are decoded
 //     into a small dense buffer and multiplied by BLAS, so the dense matrix never exists whole.
 #pragma once
