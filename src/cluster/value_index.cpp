@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu.h"
 #include "common/error.h"
 
 namespace edkm::detail {
@@ -99,11 +100,6 @@ uint16_t pattern_of(W w, acc_t<W> s) {
 // 16 bits are its own pattern: sixteen weights at a time, each table lookup one gather (the
 // scalar loops spend ~2.5 cycles per weight, most of it on the lookups). The arithmetic and the
 // rounding are the scalar loops' own: product, then sum, in fp32; bf16_bits() lane-wise.
-bool cpu_has_avx512bw() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  return ok;
-}
-
 __attribute__((target("avx512f,avx512bw"))) inline __m256i bf16_bits16(__m512 f) {
   const __m512i u = _mm512_castps_si512(f);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -211,14 +207,15 @@ class PatternIndex final : public ValueIndex {
         constexpr bool kScaled = decltype(scaled_tag)::value;
         using L = std::conditional_t<kScaled, acc_t<W>, W>;
         const L* lp = narrow_lut.data_ptr<L>();
+        const float* lut32 = nullptr;  // the fp32 table, for the AVX-512 loop
+        if constexpr (kBf16OwnPattern<W, R, kScaled>) lut32 = cpu_has_avx512bw() ? lut.data_ptr<float>() : nullptr;
         W* o = out.data_ptr<W>();
         for_each_row<W>([&](int64_t r, int64_t g, acc_t<W> s, const W* w) {
           const L* lg = lp + g * kPatterns;
           W* orow = o + r * layout_.cols;
           int64_t c = 0;
           if constexpr (kBf16OwnPattern<W, R, kScaled>)
-            if (cpu_has_avx512bw())
-              c = emit_bf16_avx512(&w->x, lut.data_ptr<float>() + g * kPatterns, &orow->x, layout_.cols);
+            if (lut32) c = emit_bf16_avx512(&w->x, lut32 + g * kPatterns, &orow->x, layout_.cols);
           for (; c < layout_.cols; ++c) {
             if constexpr (kScaled) orow[c] = from_acc<W>(lg[pattern_of<W, R, true>(w[c], s)] * s);
             else orow[c] = lg[pattern_of<W, R, false>(w[c], s)];

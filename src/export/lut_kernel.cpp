@@ -8,6 +8,7 @@
 #include <array>
 #include <cstring>
 
+#include "common/cpu.h"
 #include "common/error.h"
 
 namespace edkm {
@@ -21,11 +22,6 @@ inline uint64_t read_bits(const uint8_t* data, int64_t bytes, int64_t pos) {
   if (at + 8 <= bytes) std::memcpy(&v, data + at, 8);
   else std::memcpy(&v, data + at, static_cast<size_t>(bytes - at));
   return v >> (pos & 7);
-}
-
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
 }
 
 struct RowArgs {
@@ -137,11 +133,6 @@ __attribute__((target("avx2,fma"))) float dot_row_avx2(const RowArgs& a, int64_t
 // palette repeated to fill 16 entries the bits above the index need no mask. This is two
 // instructions fewer per group than broadcasting and inserting 32-bit loads, and the
 // instruction count is what bounds the kernel (it reads ~5x fewer bytes than bf16 rows).
-bool cpu_has_avx512_vbmi() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vbmi");
-  return ok;
-}
 
 // vpermb controls for the eight groups of a 128-index block and the per-lane shifts, per b.
 struct VbmiPlan {
