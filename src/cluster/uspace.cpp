@@ -40,44 +40,48 @@
 namespace edkm::detail {
 namespace {
 
+// Attention maps are laid out [G, k, Uc] (centroid before value): every reduction over the k
+// centroids (softmax, min) then runs along a strided axis that ATen vectorises across values,
+// ~2x faster for k = 8 than along a contiguous axis of length 8, and the sums over values are
+// plain matrix products with [G, Uc, d] tensors.
 struct Attention {
-  at::Tensor P;  // [G, Uc, k] softmax
-  at::Tensor A;  // [G, Uc, k] clamped
-  at::Tensor diff;  // [G, Uc, k, d]: v_u - C_j
+  at::Tensor P;     // [G, k, Uc] softmax
+  at::Tensor A;     // [G, k, Uc] clamped
+  at::Tensor diff;  // [G, k, Uc, d]: v_u - C_j
 };
 
-// v [G, Uc, d], C [G, k, d]. Dmin (optional) receives min_j D_uj for the inertia.
+// v [G, Uc, d], C [G, k, d]. Dmin (optional) receives min_j D_uj [G, Uc] for the inertia.
 Attention attention(const at::Tensor& v, const at::Tensor& C, const SoftKMeans& p,
                     at::Tensor* dmin = nullptr) {
   Attention a;
-  a.diff = v.unsqueeze(2) - C.unsqueeze(1);
+  a.diff = v.unsqueeze(1) - C.unsqueeze(2);
   // Scalar clustering (d = 1) needs no reduction over d.
   at::Tensor D = a.diff.size(-1) == 1 ? a.diff.square().squeeze(-1) : a.diff.square().sum(-1);
-  if (p.prune_threshold > 0) D.select(-1, 0).sub_(p.prune_threshold);
-  if (dmin) *dmin = std::get<0>(D.min(-1));
-  a.P = at::softmax(D.mul(-1.0 / p.tau), -1);
+  if (p.prune_threshold > 0) D.select(1, 0).sub_(p.prune_threshold);
+  if (dmin) *dmin = D.amin(1);
+  a.P = at::softmax(D.mul(-1.0 / p.tau), 1);
   a.A = a.P.clamp_min(p.zero_threshold);
   return a;
 }
 
-// dL/dD from dL/dA through the clamp and the softmax.
+// dL/dD from dL/dA through the clamp (gradient only where it did not clip, as autograd's
+// clamp_min) and the softmax (ATen's fused P (gP - sum_l P_l gP_l)).
 at::Tensor softmax_clamp_backward(const Attention& a, const at::Tensor& gA, const SoftKMeans& p) {
-  at::Tensor gP = gA * (a.P >= p.zero_threshold);
-  at::Tensor gZ = a.P * (gP - (a.P * gP).sum(-1, true));
-  return gZ.div(-p.tau);
+  at::Tensor gP = gA.masked_fill(a.P < p.zero_threshold, 0);
+  return at::_softmax_backward_data(gP, a.P, 1, a.P.scalar_type()).div_(-p.tau);
 }
 
 // sum_u gD_uj dD_uj/dC_j = -2 sum_u gD_uj (v_u - C_j)                  -> [G, k, d]
 at::Tensor dist_grad_palette(const at::Tensor& gD, const Attention& a) {
-  return (gD.unsqueeze(-1) * a.diff).sum(1).mul(-2);
+  return (gD.unsqueeze(-1) * a.diff).sum(2).mul_(-2);
 }
 
 // sum_j gD_uj dD_uj/dv_u = 2 sum_j gD_uj (v_u - C_j)                  -> [G, Uc, d]
 at::Tensor dist_grad_value(const at::Tensor& gD, const Attention& a) {
-  return (gD.unsqueeze(-1) * a.diff).sum(2).mul(2);
+  return (gD.unsqueeze(-1) * a.diff).sum(1).mul_(2);
 }
 
-// Calls f(u0, len) over chunks of the U axis small enough that [G, Uc, k, d] stays ~8 MB.
+// Calls f(u0, len) over chunks of the U axis small enough that [G, k, Uc, d] stays ~8 MB.
 template <typename F>
 void for_chunks(const at::Tensor& v, int64_t k, F&& f) {
   const int64_t G = v.size(0), U = v.size(1), d = v.size(2);
@@ -85,8 +89,9 @@ void for_chunks(const at::Tensor& v, int64_t k, F&& f) {
   for (int64_t u0 = 0; u0 < U; u0 += step) f(u0, std::min(step, U - u0));
 }
 
-at::Tensor narrow_counts(const at::Tensor& n, int64_t u0, int64_t len) {
-  return n.defined() ? n.narrow(1, u0, len) : at::Tensor();
+// Multiplicities of a chunk, shaped to scale a [G, k, Uc] map (undefined: all 1).
+at::Tensor chunk_counts(const at::Tensor& n, int64_t u0, int64_t len) {
+  return n.defined() ? n.narrow(1, u0, len).unsqueeze(1) : at::Tensor();
 }
 
 // Per-group palettes at the group's own iteration count: C^{T_g + offset}.
@@ -113,14 +118,14 @@ UniqueSpaceState uspace_forward(const at::Tensor& v, const at::Tensor& n, const 
     // Inertia in fp64 so that the early-stop decision does not depend on summation order.
     at::Tensor inertia = at::zeros({G}, opts.dtype(at::kDouble));
     for_chunks(v, k, [&](int64_t u0, int64_t len) {
-      at::Tensor vc = v.narrow(1, u0, len), nc = narrow_counts(n, u0, len);
+      at::Tensor vc = v.narrow(1, u0, len), nc = chunk_counts(n, u0, len);
       at::Tensor dmin;
       Attention a = attention(vc, C, p, &dmin);
-      at::Tensor An = nc.defined() ? a.A * nc.unsqueeze(-1) : a.A;
-      S += An.sum(1);
-      M += at::bmm(An.transpose(1, 2), vc);
+      at::Tensor An = nc.defined() ? a.A * nc : a.A;
+      S += An.sum(2);
+      M += at::bmm(An, vc);
       at::Tensor dm = dmin.to(at::kDouble);
-      inertia += (nc.defined() ? dm * nc.to(at::kDouble) : dm).sum(1);
+      inertia += (nc.defined() ? dm * nc.squeeze(1).to(at::kDouble) : dm).sum(1);
     });
     C = at::where(active.view({G, 1, 1}), M / S.unsqueeze(-1), C);
     palettes.push_back(C);
@@ -136,7 +141,7 @@ UniqueSpaceState uspace_forward(const at::Tensor& v, const at::Tensor& n, const 
   *out = at::empty_like(v);
   for_chunks(v, k, [&](int64_t u0, int64_t len) {
     Attention a = attention(v.narrow(1, u0, len), c_prev, p);
-    out->narrow(1, u0, len).copy_(at::bmm(a.A, c_fin));
+    out->narrow(1, u0, len).copy_(at::bmm(a.A.transpose(1, 2), c_fin));
   });
   return state;
 }
@@ -158,15 +163,17 @@ UniqueSpaceGrad uspace_backward(const at::Tensor& v, const at::Tensor& n,
   for_chunks(v, k, [&](int64_t u0, int64_t len) {
     at::Tensor gc = g.narrow(1, u0, len);
     Attention a = attention(v.narrow(1, u0, len), c_prev, p);
-    g_fin += at::bmm(a.A.transpose(1, 2), gc);
-    at::Tensor gD = softmax_clamp_backward(a, at::bmm(gc, c_fin.transpose(1, 2)), p);
+    g_fin += at::bmm(a.A, gc);
+    at::Tensor gD = softmax_clamp_backward(a, at::bmm(c_fin, gc.transpose(1, 2)), p);
     g_prev += dist_grad_palette(gD, a);
-    // J_u^T = sum_j w_uj (C^{T-1}_j - pbar_u) (C^T_j)^T
-    at::Tensor w = a.P * (a.P >= p.zero_threshold) * (2.0 / p.tau);  // [G, Uc, k]
-    at::Tensor pbar = at::bmm(a.P, c_prev);                            // [G, Uc, d]
-    at::Tensor wc = w.unsqueeze(-1) * c_fin.unsqueeze(1);              // [G, Uc, k, d]
-    at::Tensor jt = at::einsum("gka,gukb->guab", {c_prev, wc}) -
-                    pbar.unsqueeze(-1) * wc.sum(2).unsqueeze(2);
+    // J_u^T = sum_j w_uj (C^{T-1}_j - pbar_u) (C^T_j)^T: the first term is, per value u, the
+    // product C^{T-1 T} [d, k] x (w_u C^T) [k, d], batched over u as one [d, k] x [k, Uc d].
+    at::Tensor w = a.P.masked_fill(a.P < p.zero_threshold, 0).mul_(2.0 / p.tau);  // [G, k, Uc]
+    at::Tensor pbar = at::bmm(a.P.transpose(1, 2), c_prev);                         // [G, Uc, d]
+    at::Tensor wc = w.unsqueeze(-1) * c_fin.unsqueeze(2);                           // [G, k, Uc, d]
+    at::Tensor first = at::bmm(c_prev.transpose(1, 2), wc.view({G, k, len * d}));   // [G, d, Uc d]
+    at::Tensor jt = first.view({G, d, len, d}).permute({0, 2, 1, 3}) -
+                    pbar.unsqueeze(-1) * wc.sum(1).unsqueeze(2);
     out.jac.narrow(1, u0, len).copy_(jt);
   });
 
@@ -180,15 +187,15 @@ UniqueSpaceGrad uspace_backward(const at::Tensor& v, const at::Tensor& n,
     at::Tensor gM = g_next / S.unsqueeze(-1);                  // [G, k, d]
     at::Tensor gS = -(g_next * C_next).sum(-1) / S;            // [G, k]
     at::Tensor g_cur = at::zeros({G, k, d}, opts);
-    at::Tensor keep = active.view({G, 1, 1});
+    at::Tensor keep = active.view({G, 1, 1}), stopped = keep.logical_not();
     for_chunks(v, k, [&](int64_t u0, int64_t len) {
-      at::Tensor vc = v.narrow(1, u0, len), nc = narrow_counts(n, u0, len);
+      at::Tensor vc = v.narrow(1, u0, len), nc = chunk_counts(n, u0, len);
       Attention a = attention(vc, C, p);
-      at::Tensor gA = at::bmm(vc, gM.transpose(1, 2)) + gS.unsqueeze(1);  // per weight
+      at::Tensor gA = at::bmm(gM, vc.transpose(1, 2)) + gS.unsqueeze(-1);  // per weight
       at::Tensor gD = softmax_clamp_backward(a, gA, p);
-      at::Tensor h = at::bmm(a.A, gM) + dist_grad_value(gD, a);
-      out.h.narrow(1, u0, len).add_(at::where(keep, h, at::zeros({}, opts)));
-      g_cur += dist_grad_palette(nc.defined() ? gD * nc.unsqueeze(-1) : gD, a);
+      at::Tensor h = at::bmm(a.A.transpose(1, 2), gM) + dist_grad_value(gD, a);
+      out.h.narrow(1, u0, len).add_(h.masked_fill_(stopped, 0));
+      g_cur += dist_grad_palette(nc.defined() ? gD * nc : gD, a);
     });
     g_cur += at::where(emit_here.view({G, 1, 1}), g_prev, at::zeros({}, opts));
     g_next = at::where(keep, g_cur, g_next);
