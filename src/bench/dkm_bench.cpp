@@ -39,20 +39,28 @@ namespace {
 
 int64_t bytes(const at::Tensor& t) { return t.defined() ? t.numel() * t.element_size() : 0; }
 
-// Forward of every matrix, then backward of each, with the memory accounting described on
-// DKMBenchRow: extra memory at any moment is the tensor bytes held beyond the inputs, the
-// outputs and the weight gradients produced so far.
+// One method on a set of matrices. A run is the forward of every matrix, then the backward of
+// each, with the memory accounting described on DKMBenchRow: extra memory at any moment is the
+// tensor bytes held beyond the inputs, the outputs and the weight gradients produced so far.
 using Forward = std::function<at::Tensor(size_t i, const at::Tensor& w)>;
 
-DKMBenchRow measure(const std::string& method, const std::string& scope,
-                    const std::vector<at::Tensor>& mats, const std::vector<at::Tensor>& grads,
-                    const Forward& fwd, int reps) {
-  DKMBenchRow row{method, scope};
-  for (const auto& m : mats) row.weights += m.numel();
-  int64_t saved = 0, extra = 0;
-  auto once = [&] {
+struct Case {
+  DKMBenchRow row;
+  const std::vector<at::Tensor>* mats;
+  const std::vector<at::Tensor>* grads;
+  Forward fwd;
+
+  Case(std::string method, std::string scope, const std::vector<at::Tensor>& m,
+       const std::vector<at::Tensor>& g, Forward f)
+      : row{std::move(method), std::move(scope)}, mats(&m), grads(&g), fwd(std::move(f)) {
+    for (const auto& w : m) row.weights += w.numel();
+  }
+
+  // Returns the seconds the run took.
+  double run_once() {
+    const auto t0 = std::chrono::steady_clock::now();
     std::vector<at::Tensor> ws, outs;
-    for (const auto& m : mats) ws.push_back(m.detach().requires_grad_(true));
+    for (const auto& m : *mats) ws.push_back(m.detach().requires_grad_(true));
     TensorMemory::reset_peak();
     const int64_t base = TensorMemory::current();
     int64_t out_bytes = 0;
@@ -60,24 +68,33 @@ DKMBenchRow measure(const std::string& method, const std::string& scope,
       outs.push_back(fwd(i, ws[i]));
       out_bytes += bytes(outs.back());
     }
-    extra = TensorMemory::peak() - base - out_bytes;
-    saved = TensorMemory::current() - base - out_bytes;
+    int64_t extra = TensorMemory::peak() - base - out_bytes;
+    row.saved_bytes = std::max<int64_t>(0, TensorMemory::current() - base - out_bytes);
     int64_t grad_bytes = 0;
     for (size_t i = 0; i < ws.size(); ++i) {
       TensorMemory::reset_peak();
       const int64_t before = TensorMemory::current();
-      torch::autograd::backward({outs[i]}, {grads[i]});
+      torch::autograd::backward({outs[i]}, {(*grads)[i]});
       outs[i] = at::Tensor();
-      out_bytes -= bytes(mats[i]);
-      const int64_t stash = before - base - out_bytes - bytes(mats[i]) - grad_bytes;
+      out_bytes -= bytes((*mats)[i]);
+      const int64_t stash = before - base - out_bytes - bytes((*mats)[i]) - grad_bytes;
       extra = std::max(extra, stash + TensorMemory::peak() - before - bytes(ws[i].grad()));
       grad_bytes += bytes(ws[i].grad());
     }
-  };
-  row.seconds = best_seconds(once, reps);
-  row.saved_bytes = std::max<int64_t>(0, saved);
-  row.extra_bytes = std::max<int64_t>(0, extra);
-  return row;
+    row.extra_bytes = std::max<int64_t>(0, extra);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+};
+
+// A warm-up round, then `reps` rounds that run every case once each; every case keeps its best
+// time. Alternating the cases exposes them alike to changes in machine speed during the run
+// (other tenants of a shared host, clock changes), which would otherwise land on whichever
+// case ran while the machine was slow and skew the ratios between them.
+void measure_side_by_side(std::vector<Case*> cases, int reps) {
+  for (Case* c : cases) c->run_once();
+  for (Case* c : cases) c->row.seconds = 1e300;
+  for (int r = 0; r < std::max(1, reps); ++r)
+    for (Case* c : cases) c->row.seconds = std::min(c->row.seconds, c->run_once());
 }
 
 std::string mib(int64_t b) { return fmt::format("{:.1f}", b / 1048576.0); }
@@ -108,9 +125,11 @@ DKMBenchResult run_dkm_bench(const DKMBenchOptions& opts) {
   const at::Tensor s = at::full({}, 1.5, at::kBFloat16);
   Forward floor = [&](size_t, const at::Tensor& w) { return w * s; };
 
-  DKMBenchRow floor_row = measure("floor (w*s)", "layer", layer, grads, floor, opts.reps);
-  DKMBenchRow unique_row = measure("unique", "layer", layer, grads, dkm_with(DKMMethod::kUnique, palettes), opts.reps);
-  DKMBenchRow auto_row = measure("auto", "layer", layer, grads, dkm_with(DKMMethod::kAuto, palettes), opts.reps);
+  Case floor_case("floor (w*s)", "layer", layer, grads, floor);
+  Case unique_case("unique", "layer", layer, grads, dkm_with(DKMMethod::kUnique, palettes));
+  Case auto_case("auto", "layer", layer, grads, dkm_with(DKMMethod::kAuto, palettes));
+  measure_side_by_side({&floor_case, &unique_case, &auto_case}, opts.reps);
+  const DKMBenchRow &floor_row = floor_case.row, &unique_row = unique_case.row, &auto_row = auto_case.row;
 
   // The dense method materialises N x k tensors per iteration: tens of GB for the layer. It
   // runs on the first rows of q_proj, beside the unique method on the same slice.
@@ -119,8 +138,10 @@ DKMBenchResult run_dkm_bench(const DKMBenchOptions& opts) {
   std::vector<at::Tensor> slice{layer[0].narrow(0, 0, slice_rows)};
   std::vector<at::Tensor> slice_grads{grads[0].narrow(0, 0, slice_rows)};
   std::vector<at::Tensor> slice_pal{init_palette(slice[0], cfg)};
-  DKMBenchRow dense_slice = measure("dense", "slice", slice, slice_grads, dkm_with(DKMMethod::kDense, slice_pal), opts.reps);
-  DKMBenchRow unique_slice = measure("unique", "slice", slice, slice_grads, dkm_with(DKMMethod::kUnique, slice_pal), opts.reps);
+  Case dense_case("dense", "slice", slice, slice_grads, dkm_with(DKMMethod::kDense, slice_pal));
+  Case unique_slice_case("unique", "slice", slice, slice_grads, dkm_with(DKMMethod::kUnique, slice_pal));
+  measure_side_by_side({&dense_case, &unique_slice_case}, opts.reps);
+  const DKMBenchRow &dense_slice = dense_case.row, &unique_slice = unique_slice_case.row;
   DKMBenchRow dense_layer = dense_slice;
   const double f = double(unique_row.weights) / dense_slice.weights;
   dense_layer.scope = "layer";
