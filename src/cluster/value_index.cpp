@@ -12,6 +12,7 @@
 #include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/cpu.h"
@@ -333,13 +334,14 @@ class PatternIndex final : public ValueIndex {
   //
   // The loop is bound by its read-modify-writes (one store per weight) and by the CPU's guesses
   // about which load depends on which earlier store. Three measures help, measured on a
-  // 4096x11008 bf16 matrix, 2 threads: two rows at a time, interleaved (counts 7.5 ms against
-  // 12 for one row at a time: the two rows' independent updates overlap); several tables
+  // 4096x11008 bf16 matrix, 2 threads: two rows at a time, interleaved (the counts alone take
+  // 7.5-8.5 ms against 12 for one row at a time, the whole index ~10 ms against 11.3: the two
+  // rows' independent updates overlap); several tables
   // ("ways") per thread, each weight of a row going to one of two in turn, so that runs of
   // equal patterns (near-zero weights) do not serialise on store-to-load forwarding (26 ms for
   // the sums with one table); and the ways of one pattern side by side (entry p * kWays + k),
   // so that the hot patterns of a bell-shaped weight share cache lines. The sums widen each
-  // gradient in a scalar register; the AVX-512 widening of sixteen at a time was 12% slower.
+  // gradient in a scalar register; widening sixteen at a time with AVX-512 was no faster.
   //
   // Each thread covers a range of rows and flushes its tables into total[group] when the group
   // changes: no per-weight atomics.
