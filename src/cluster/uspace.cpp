@@ -64,11 +64,15 @@ Attention attention(const at::Tensor& v, const at::Tensor& C, const SoftKMeans& 
   return a;
 }
 
-// dL/dD from dL/dA through the clamp (gradient only where it did not clip, as autograd's
-// clamp_min) and the softmax (ATen's fused P (gP - sum_l P_l gP_l)).
-at::Tensor softmax_clamp_backward(const Attention& a, const at::Tensor& gA, const SoftKMeans& p) {
-  at::Tensor gP = gA.masked_fill(a.P < p.zero_threshold, 0);
-  return at::_softmax_backward_data(gP, a.P, 1, a.P.scalar_type()).div_(-p.tau);
+// Where the clamp clipped: P < zero_threshold.
+at::Tensor clipped(const Attention& a, const SoftKMeans& p) { return a.P < p.zero_threshold; }
+
+// dL/dD from dL/dA (a temporary, overwritten) through the clamp (gradient only where it did not
+// clip, as autograd's clamp_min) and the softmax (ATen's fused P (gP - sum_l P_l gP_l)).
+at::Tensor softmax_clamp_backward(const Attention& a, const at::Tensor& clip, at::Tensor gA,
+                                  const SoftKMeans& p) {
+  gA.masked_fill_(clip, 0);
+  return at::_softmax_backward_data(gA, a.P, 1, a.P.scalar_type()).div_(-p.tau);
 }
 
 // sum_u gD_uj dD_uj/dC_j = -2 sum_u gD_uj (v_u - C_j)                  -> [G, k, d]
@@ -164,11 +168,12 @@ UniqueSpaceGrad uspace_backward(const at::Tensor& v, const at::Tensor& n,
     at::Tensor gc = g.narrow(1, u0, len);
     Attention a = attention(v.narrow(1, u0, len), c_prev, p);
     g_fin += at::bmm(a.A, gc);
-    at::Tensor gD = softmax_clamp_backward(a, at::bmm(c_fin, gc.transpose(1, 2)), p);
+    const at::Tensor clip = clipped(a, p);
+    at::Tensor gD = softmax_clamp_backward(a, clip, at::bmm(c_fin, gc.transpose(1, 2)), p);
     g_prev += dist_grad_palette(gD, a);
     // J_u^T = sum_j w_uj (C^{T-1}_j - pbar_u) (C^T_j)^T: the first term is, per value u, the
     // product C^{T-1 T} [d, k] x (w_u C^T) [k, d], batched over u as one [d, k] x [k, Uc d].
-    at::Tensor w = a.P.masked_fill(a.P < p.zero_threshold, 0).mul_(2.0 / p.tau);  // [G, k, Uc]
+    at::Tensor w = a.P.masked_fill(clip, 0).mul_(2.0 / p.tau);                      // [G, k, Uc]
     at::Tensor pbar = at::bmm(a.P.transpose(1, 2), c_prev);                         // [G, Uc, d]
     at::Tensor wc = w.unsqueeze(-1) * c_fin.unsqueeze(2);                           // [G, k, Uc, d]
     at::Tensor first = at::bmm(c_prev.transpose(1, 2), wc.view({G, k, len * d}));   // [G, d, Uc d]
@@ -192,7 +197,7 @@ UniqueSpaceGrad uspace_backward(const at::Tensor& v, const at::Tensor& n,
       at::Tensor vc = v.narrow(1, u0, len), nc = chunk_counts(n, u0, len);
       Attention a = attention(vc, C, p);
       at::Tensor gA = at::bmm(gM, vc.transpose(1, 2)) + gS.unsqueeze(-1);  // per weight
-      at::Tensor gD = softmax_clamp_backward(a, gA, p);
+      at::Tensor gD = softmax_clamp_backward(a, clipped(a, p), gA, p);
       at::Tensor h = at::bmm(a.A.transpose(1, 2), gM) + dist_grad_value(gD, a);
       out.h.narrow(1, u0, len).add_(h.masked_fill_(stopped, 0));
       g_cur += dist_grad_palette(nc.defined() ? gD * nc : gD, a);

@@ -336,12 +336,12 @@ class PatternIndex final : public ValueIndex {
   // about which load depends on which earlier store. Three measures help, measured on a
   // 4096x11008 bf16 matrix, 2 threads: two rows at a time, interleaved (the counts alone take
   // 7.5-8.5 ms against 12 for one row at a time, the whole index ~10 ms against 11.3: the two
-  // rows' independent updates overlap); several tables
-  // ("ways") per thread, each weight of a row going to one of two in turn, so that runs of
-  // equal patterns (near-zero weights) do not serialise on store-to-load forwarding (26 ms for
-  // the sums with one table); and the ways of one pattern side by side (entry p * kWays + k),
-  // so that the hot patterns of a bell-shaped weight share cache lines. The sums widen each
-  // gradient in a scalar register; widening sixteen at a time with AVX-512 was no faster.
+  // rows' independent updates overlap); several tables ("ways") per thread, each weight of a
+  // row going to one of two in turn, so that runs of equal patterns (near-zero weights) do not
+  // serialise on store-to-load forwarding (26 ms for the sums with one table); and the ways of
+  // one pattern side by side (entry p * kWays + k), so that the hot patterns of a bell-shaped
+  // weight share cache lines. The sums widen each gradient in a scalar register; widening
+  // sixteen at a time with AVX-512 was no faster.
   //
   // Each thread covers a range of rows and flushes its tables into total[group] when the group
   // changes: no per-weight atomics.
@@ -367,7 +367,6 @@ class PatternIndex final : public ValueIndex {
           for (int k = 0; k < kWays; ++k) sum += t[p * kWays + k];
           dst[p] += sum;
         }
-        std::fill(local.begin(), local.end(), T(0));
       };
       // Ways 0-1 take row a, ways 2-3 row b.
       auto add = [&](int way, int64_t r, acc_t<W> s, const W* w, int64_t c) {
@@ -378,6 +377,7 @@ class PatternIndex final : public ValueIndex {
         auto [g, s, w] = row(r);
         if (g != cur) {
           flush();
+          std::fill(local.begin(), local.end(), T(0));
           cur = g;
         }
         const bool pair = r + 1 < r1 && (r + 1) / layout_.rows_per_group == g;
