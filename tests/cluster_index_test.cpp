@@ -1,10 +1,12 @@
-// The fused CPU kernels of the 16-bit pattern index against its device-generic ATen path, and
-// both against a direct computation from the prepared weight.
+// The host loops of cluster/ against their device-generic ATen code: the passes of the 16-bit
+// pattern index (both also against a direct computation from the prepared weight), and the
+// unique-value-space iterations (whose ATen code the DKM tests check against dense autograd).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include "cluster/layout.h"
+#include "cluster/uspace.h"
 #include "cluster/value_index.h"
 #include "test_util.h"
 
@@ -99,6 +101,51 @@ TEST(PatternIndex, GradientSumsDoNotDependOnThreadTiming) {
     EXPECT_LE(test::rel_err(first, generic->aggregate(G)), 1e-12);
   }
   at::set_num_threads(threads);
+}
+
+TEST(UniqueSpace, HostLoopsMatchAtenCode) {
+  at::manual_seed(10);
+  struct Case {
+    const char* what;
+    int64_t k, U;
+    bool counts;
+  };
+  // k = 256 with 5,000 values takes the host loops' multi-block path (4,096 values a block).
+  for (const Case& cs : {Case{"k=8", 8, 300, true}, Case{"k=8 unit counts", 8, 300, false},
+                         Case{"k=256 blocks", 256, 5000, true}}) {
+    SCOPED_TRACE(cs.what);
+    const int64_t G = 3, k = cs.k, U = cs.U;
+    at::Tensor c0 = std::get<0>((at::randn({G, k, 1}, at::kDouble) * 0.02).sort(1));
+    at::Tensor v = at::randn({G, U, 1}, at::kDouble) * 0.02;
+    // Group 0 holds only its palette's own, well separated values: its palette settles at once
+    // (but for the clamp's pull) and the group stops early, while the others run all four.
+    c0[0].copy_(at::linspace(-10, 10, k, at::kDouble).view({k, 1}));
+    v[0].copy_(c0[0].repeat({U / k + 1, 1}).narrow(0, 0, U));
+    at::Tensor n;
+    if (cs.counts) {
+      n = at::randint(1, 50, {G, U}, at::kDouble);
+      n[2].narrow(0, U - 7, 7).zero_();  // padding: a group with fewer values
+    }
+    DKMConfig cfg;
+    cfg.max_iters = 4;
+    cfg.eps = 1e-12;
+    SoftKMeans p = SoftKMeans::from(cfg);
+    at::Tensor out_host, out_aten;
+    UniqueSpaceState host = uspace_forward(v, n, c0, p, &out_host, Kernels::kAuto);
+    UniqueSpaceState aten = uspace_forward(v, n, c0, p, &out_aten, Kernels::kGeneric);
+    ASSERT_TRUE(at::equal(host.iters, aten.iters));
+    EXPECT_LT(host.iters[0].item<int64_t>(), 4);
+    EXPECT_EQ(host.iters[1].item<int64_t>(), 4);
+    EXPECT_LE(test::rel_err(out_host, out_aten), 1e-12);
+    at::Tensor groups = at::arange(G, host.iters.options());
+    EXPECT_LE(test::rel_err(host.palettes.index({host.iters, groups}), aten.palettes.index({aten.iters, groups})), 1e-12);
+
+    at::Tensor g = at::randn({G, U, 1}, at::kDouble);
+    UniqueSpaceGrad gh = uspace_backward(v, n, host, g, p, Kernels::kAuto);
+    UniqueSpaceGrad ga = uspace_backward(v, n, aten, g, p, Kernels::kGeneric);
+    EXPECT_LE(test::rel_err(gh.jac, ga.jac), 1e-10);
+    EXPECT_LE(test::rel_err(gh.h, ga.h), 1e-10);
+  }
 }
 
 }  // namespace

@@ -108,7 +108,8 @@ at::Tensor palette_at(const UniqueSpaceState& s, int64_t offset) {
 }  // namespace
 
 UniqueSpaceState uspace_forward(const at::Tensor& v, const at::Tensor& n, const at::Tensor& c0,
-                                const SoftKMeans& p, at::Tensor* out) {
+                                const SoftKMeans& p, at::Tensor* out, Kernels kernels) {
+  if (kernels == Kernels::kAuto && uspace_host_applies(v)) return uspace_forward_host(v, n, c0, p, out);
   const int64_t G = v.size(0), k = c0.size(1), d = v.size(2);
   const auto opts = v.options();
   std::vector<at::Tensor> palettes{c0}, sums;
@@ -152,7 +153,8 @@ UniqueSpaceState uspace_forward(const at::Tensor& v, const at::Tensor& n, const 
 
 UniqueSpaceGrad uspace_backward(const at::Tensor& v, const at::Tensor& n,
                                 const UniqueSpaceState& state, const at::Tensor& g,
-                                const SoftKMeans& p) {
+                                const SoftKMeans& p, Kernels kernels) {
+  if (kernels == Kernels::kAuto && uspace_host_applies(v)) return uspace_backward_host(v, n, state, g, p);
   const int64_t G = v.size(0), U = v.size(1), d = v.size(2);
   const int64_t k = state.palettes.size(2);
   const int64_t T = state.sums.size(0);

@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "cluster/cluster.h"
+#include "cluster/kernels.h"
 
 namespace edkm::detail {
 
@@ -26,14 +27,14 @@ struct SoftKMeans {
 // What the forward keeps for the backward: O(T G k d), nothing per value.
 struct UniqueSpaceState {
   at::Tensor palettes;  // [T + 1, G, k, d]: C^0 .. C^T (a finished group's palette repeats)
-  at::Tensor sums;      // [T, G, k]: S^t_j = sum_u n_u A^t_uj
+  at::Tensor sums;      // [T, G, k]: S^t_j = sum_u n_u A^t_uj (unused past a group's T_g)
   at::Tensor iters;     // [G] int64: T_g, the updates group g made
 };
 
 // Runs the iterations; returns the state and writes the emitted value per distinct value,
 // out_u = sum_j A^{T_g - 1}_uj C^{T_g}_j, into *out ([G, U, d]).
 UniqueSpaceState uspace_forward(const at::Tensor& v, const at::Tensor& n, const at::Tensor& c0,
-                                const SoftKMeans& p, at::Tensor* out);
+                                const SoftKMeans& p, at::Tensor* out, Kernels kernels = Kernels::kAuto);
 
 struct UniqueSpaceGrad {
   at::Tensor jac;  // [G, U, d, d]: J_u^T, J_u = d out_u / d v_u with the palettes held fixed
@@ -43,6 +44,18 @@ struct UniqueSpaceGrad {
 // g: dL/d out_u summed over the weights of each value ([G, U, d]).
 UniqueSpaceGrad uspace_backward(const at::Tensor& v, const at::Tensor& n,
                                 const UniqueSpaceState& state, const at::Tensor& g,
-                                const SoftKMeans& p);
+                                const SoftKMeans& p, Kernels kernels = Kernels::kAuto);
+
+// The same two functions as host loops (uspace_host.cpp), one pass over the values per
+// iteration, for the common case: scalar clustering in fp64 on the CPU with at most 65,536
+// values per group (the 16-bit and sorted indices). There the ATen code's ~300 small ops per
+// matrix cost ~1.5 ms of dispatch; beyond 65,536 values (the dense fallback) ATen's
+// multi-threaded ops win, as the loops take one thread per group.
+bool uspace_host_applies(const at::Tensor& v);
+UniqueSpaceState uspace_forward_host(const at::Tensor& v, const at::Tensor& n, const at::Tensor& c0,
+                                     const SoftKMeans& p, at::Tensor* out);
+UniqueSpaceGrad uspace_backward_host(const at::Tensor& v, const at::Tensor& n,
+                                     const UniqueSpaceState& state, const at::Tensor& g,
+                                     const SoftKMeans& p);
 
 }  // namespace edkm::detail

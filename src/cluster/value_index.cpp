@@ -9,6 +9,7 @@
 
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <tuple>
 #include <type_traits>
@@ -154,30 +155,7 @@ class PatternIndex final : public ValueIndex {
         scale_(scale),
         rounding_(rounding),
         cpu_kernels_(kernels == Kernels::kAuto && weight.device().is_cpu()) {
-    at::Tensor hist = histogram().view({layout_.groups, kPatterns});
-    at::Tensor present = hist > 0;
-    const uint16_t mask = rounding == at::kHalf ? exponent_mask<c10::Half>()
-                                                : exponent_mask<c10::BFloat16>();
-    at::Tensor patterns = at::arange(kPatterns, hist.options());
-    at::Tensor nonfinite = (patterns.bitwise_and(mask) == mask).unsqueeze(0) & present;
-    if (nonfinite.any().item<bool>()) throw_nonfinite(weight_, rounding_);
-
-    // Each present pattern's row in the flattened [G * U] tables. Only these (U entries per
-    // group) are kept between forward and backward; the 65,536-entry view is rebuilt per pass.
-    at::Tensor pos = present.cumsum(1) - 1;
-    umax_ = present.sum(1).max().item<int64_t>();
-    at::Tensor group = at::arange(layout_.groups, pos.options()).unsqueeze(1);
-    present_ = present.view({-1}).nonzero().view({-1});
-    slot_ = (pos + group * umax_).view({-1}).index_select(0, present_);
-
-    const auto cdt = compute_dtype(weight_);
-    at::Tensor decoded = patterns.to(at::kShort).view(rounding_).to(cdt).repeat({layout_.groups});
-    at::Tensor values = at::zeros({layout_.groups * umax_}, weight_.options().dtype(cdt));
-    at::Tensor counts = at::zeros_like(values);
-    values.index_put_({slot_}, decoded.index_select(0, present_));
-    counts.index_put_({slot_}, hist.view({-1}).index_select(0, present_).to(cdt));
-    values_ = values.view({layout_.groups, umax_, 1});
-    counts_ = counts.view({layout_.groups, umax_});
+    build_tables(histogram());
   }
 
   at::Tensor emit(const at::Tensor& table) const override {
@@ -219,30 +197,34 @@ class PatternIndex final : public ValueIndex {
   }
 
   at::Tensor aggregate(const at::Tensor& grad) const override {
-    at::Tensor acc = at::zeros({layout_.groups * kPatterns}, weight_.options().dtype(at::kDouble));
     at::Tensor gr = grad.contiguous().view(weight_.sizes());
+    at::Tensor compact = at::zeros({layout_.groups * umax_}, weight_.options().dtype(at::kDouble));
     if (cpu_kernels_) {
+      // Straight into the [G * U] rows: only the patterns the forward found can occur.
+      auto present = [&](int64_t g, auto&& f) {
+        for (int64_t i = group_begin_[g]; i < group_begin_[g + 1]; ++i) f(patterns_[i], i - group_begin_[g]);
+      };
       dispatch([&](auto w_tag, auto r_tag, auto scaled_tag) {
         using W = decltype(w_tag);
         using R = decltype(r_tag);
         using A = acc_t<W>;
         constexpr bool kScaled = decltype(scaled_tag)::value;
         const W* gptr = gr.data_ptr<W>();
-        accumulate_rows<double, W>(acc.data_ptr<double>(), [&](int64_t r, A s, const W* w, int64_t c) {
+        accumulate_rows<double, W>(compact.data_ptr<double>(), umax_, present, [&](int64_t r, A s, const W* w, int64_t c) {
           A v = static_cast<A>(gptr[r * layout_.cols + c]);
           if constexpr (kScaled) v = v * s;
           return std::make_pair(pattern_of<W, R, kScaled>(w[c], s), static_cast<double>(v));
         });
       });
-    } else {
-      at::Tensor g2d = gr.view({layout_.rows, layout_.cols});
-      for_each_chunk([&](int64_t r0, int64_t rc, const at::Tensor& keys, const at::Tensor& s) {
-        at::Tensor v = g2d.narrow(0, r0, rc).to(compute_dtype(weight_));
-        if (s.defined()) v = v * s.unsqueeze(1);
-        acc.index_add_(0, keys, v.reshape({-1}).to(at::kDouble));
-      });
+      return compact.view({layout_.groups, umax_, 1});
     }
-    at::Tensor compact = at::zeros({layout_.groups * umax_}, acc.options());
+    at::Tensor acc = at::zeros({layout_.groups * kPatterns}, compact.options());
+    at::Tensor g2d = gr.view({layout_.rows, layout_.cols});
+    for_each_chunk([&](int64_t r0, int64_t rc, const at::Tensor& keys, const at::Tensor& s) {
+      at::Tensor v = g2d.narrow(0, r0, rc).to(compute_dtype(weight_));
+      if (s.defined()) v = v * s.unsqueeze(1);
+      acc.index_add_(0, keys, v.reshape({-1}).to(at::kDouble));
+    });
     compact.index_put_({slot_}, acc.index_select(0, present_));
     return compact.view({layout_.groups, umax_, 1});
   }
@@ -344,10 +326,12 @@ class PatternIndex final : public ValueIndex {
   // sixteen at a time with AVX-512 was no faster.
   //
   // Each thread covers a range of rows and flushes its tables into total[group] when the group
-  // changes: no per-weight atomics.
+  // changes: no per-weight atomics. visit(g, f) calls f(pattern, entry) for every pattern that
+  // group g may hold, entry being its place in total + g * width; only those table entries are
+  // cleared and flushed (all 65,536 for the histogram, the U present ones for the sums).
   static constexpr int kWays = 4;
-  template <typename T, typename W, typename Total, typename Item>
-  void accumulate_rows(Total* total, Item&& item) const {
+  template <typename T, typename W, typename Total, typename Visit, typename Item>
+  void accumulate_rows(Total* total, int64_t width, Visit&& visit, Item&& item) const {
     const int64_t cols = layout_.cols;
     // A thread's first group may continue the previous thread's last: that one goes to a side
     // table, added in row order after the loop, so that floating-point sums do not depend on
@@ -355,30 +339,36 @@ class PatternIndex final : public ValueIndex {
     std::mutex mu;
     std::map<int64_t, std::vector<Total>> shared_first;  // by first row
     for_each_row_range<W>([&](int64_t r0, int64_t r1, auto&& row) {
-      std::vector<T> local(kWays * kPatterns, T(0));
-      T* t = local.data();
+      std::unique_ptr<T[]> local(new T[kWays * kPatterns]);  // entries outside visit() unused
+      T* t = local.get();
       int64_t cur = r0 / layout_.rows_per_group;
       const bool continues = r0 % layout_.rows_per_group != 0;
-      std::vector<Total> side(continues ? kPatterns : 0, Total(0));
+      std::vector<Total> side(continues ? width : 0, Total(0));
+      auto clear = [&] {
+        visit(cur, [&](int64_t p, int64_t) {
+          for (int k = 0; k < kWays; ++k) t[p * kWays + k] = T(0);
+        });
+      };
       auto flush = [&] {
-        Total* dst = continues && cur == r0 / layout_.rows_per_group ? side.data() : total + cur * kPatterns;
-        for (int64_t p = 0; p < kPatterns; ++p) {
+        Total* dst = continues && cur == r0 / layout_.rows_per_group ? side.data() : total + cur * width;
+        visit(cur, [&](int64_t p, int64_t e) {
           Total sum = 0;
           for (int k = 0; k < kWays; ++k) sum += t[p * kWays + k];
-          dst[p] += sum;
-        }
+          dst[e] += sum;
+        });
       };
       // Ways 0-1 take row a, ways 2-3 row b.
       auto add = [&](int way, int64_t r, acc_t<W> s, const W* w, int64_t c) {
         const auto [p, v] = item(r, s, w, c);
         t[p * kWays + way] += v;
       };
+      clear();
       for (int64_t r = r0; r < r1;) {
         auto [g, s, w] = row(r);
         if (g != cur) {
           flush();
-          std::fill(local.begin(), local.end(), T(0));
           cur = g;
+          clear();
         }
         const bool pair = r + 1 < r1 && (r + 1) / layout_.rows_per_group == g;
         int64_t c = 0;
@@ -401,8 +391,8 @@ class PatternIndex final : public ValueIndex {
       }
     });
     for (const auto& [r0, side] : shared_first) {
-      Total* dst = total + (r0 / layout_.rows_per_group) * kPatterns;
-      for (int64_t p = 0; p < kPatterns; ++p) dst[p] += side[p];
+      Total* dst = total + (r0 / layout_.rows_per_group) * width;
+      for (int64_t e = 0; e < width; ++e) dst[e] += side[e];
     }
   }
 
@@ -440,9 +430,13 @@ class PatternIndex final : public ValueIndex {
         using W = decltype(w_tag);
         using R = decltype(r_tag);
         constexpr bool kScaled = decltype(scaled_tag)::value;
-        accumulate_rows<uint32_t, W>(hist.data_ptr<int64_t>(), [&](int64_t, acc_t<W> s, const W* w, int64_t c) {
-          return std::make_pair(pattern_of<W, R, kScaled>(w[c], s), uint32_t(1));
-        });
+        auto all = [](int64_t, auto&& f) {
+          for (int64_t p = 0; p < kPatterns; ++p) f(p, p);
+        };
+        accumulate_rows<uint32_t, W>(hist.data_ptr<int64_t>(), kPatterns, all,
+                                     [&](int64_t, acc_t<W> s, const W* w, int64_t c) {
+                                       return std::make_pair(pattern_of<W, R, kScaled>(w[c], s), uint32_t(1));
+                                     });
       });
       return hist;
     }
@@ -452,14 +446,64 @@ class PatternIndex final : public ValueIndex {
     return hist;
   }
 
+  // From the histogram [G * 65536]: the patterns that occur, their rows in the [G * U] tables,
+  // their decoded values and their counts. One loop on the host over O(G * 65536) entries:
+  // the same with ~20 ATen ops took 0.5 ms per matrix, mostly dispatch.
+  void build_tables(const at::Tensor& hist_on_device) {
+    const at::Tensor hist = hist_on_device.cpu();
+    const int64_t* count = hist.data_ptr<int64_t>();
+    const int64_t G = layout_.groups;
+    const uint16_t mask = rounding_ == at::kHalf ? exponent_mask<c10::Half>() : exponent_mask<c10::BFloat16>();
+    group_begin_.assign(G + 1, 0);
+    for (int64_t g = 0; g < G; ++g) {
+      int64_t n = 0;
+      for (int64_t p = 0; p < kPatterns; ++p) {
+        if (count[g * kPatterns + p] == 0) continue;
+        if ((p & mask) == mask) throw_nonfinite(weight_, rounding_);
+        ++n;
+      }
+      umax_ = std::max(umax_, n);
+      group_begin_[g + 1] = group_begin_[g] + n;
+    }
+    const int64_t total = group_begin_[G];
+    patterns_.resize(total);
+    at::Tensor present = at::empty({total}, hist.options());
+    at::Tensor slot = at::empty({total}, hist.options());
+    at::Tensor values = at::zeros({G * umax_}, hist.options().dtype(at::kDouble));
+    at::Tensor counts = at::zeros_like(values);
+    int64_t *pp = present.data_ptr<int64_t>(), *sp = slot.data_ptr<int64_t>();
+    double *vp = values.data_ptr<double>(), *cp = counts.data_ptr<double>();
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t p = 0, i = group_begin_[g]; p < kPatterns; ++p) {
+        const int64_t n = count[g * kPatterns + p];
+        if (n == 0) continue;
+        const int64_t row = g * umax_ + (i - group_begin_[g]);
+        patterns_[i] = static_cast<uint16_t>(p);
+        pp[i] = g * kPatterns + p;
+        sp[i] = row;
+        vp[row] = rounding_ == at::kHalf ? static_cast<float>(c10::Half(p, c10::Half::from_bits()))
+                                         : static_cast<float>(c10::BFloat16(p, c10::BFloat16::from_bits()));
+        cp[row] = static_cast<double>(n);
+        ++i;
+      }
+    const auto device = weight_.device();
+    const auto cdt = compute_dtype(weight_);
+    present_ = present.to(device);
+    slot_ = slot.to(device);
+    values_ = values.to(device, cdt).view({G, umax_, 1});
+    counts_ = counts.to(device, cdt).view({G, umax_});
+  }
+
   at::Tensor weight_;
   GroupLayout layout_;
   at::Tensor scale_;
   at::ScalarType rounding_;
   bool cpu_kernels_;
   int64_t umax_ = 0;
-  at::Tensor present_;  // positions in [G * 65536] of the patterns that occur
-  at::Tensor slot_;     // their rows in the flattened [G * U] tables
+  at::Tensor present_;                 // positions in [G * 65536] of the patterns that occur
+  at::Tensor slot_;                    // their rows in the flattened [G * U] tables
+  std::vector<uint16_t> patterns_;     // the same patterns, on the host, group by group
+  std::vector<int64_t> group_begin_;   // where each group starts in patterns_ (G + 1 entries)
 };
 
 // ---------------------------------------------------------------------------------------------

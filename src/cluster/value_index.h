@@ -21,6 +21,7 @@
 
 #include <memory>
 
+#include "cluster/kernels.h"
 #include "cluster/layout.h"
 
 namespace edkm::detail {
@@ -43,8 +44,6 @@ class ValueIndex {
   at::Tensor values_;
   at::Tensor counts_;
 };
-
-enum class Kernels { kAuto, kGeneric };  // kGeneric forces the ATen path (tests compare both)
 
 // All builders take the weight (any floating dtype), its layout, the config, and the checked
 // fp32 scale (or undefined). The index keeps a reference to the weight, not a copy.
