@@ -17,15 +17,15 @@ TEST(PatternIndex, CpuKernelsMatchGenericPathAndDirectComputation) {
   at::manual_seed(7);
   for (at::ScalarType wdt : {at::kFloat, at::kBFloat16, at::kDouble}) {
     for (ClusterDType cd : {ClusterDType::kBFloat16, ClusterDType::kFloat16}) {
-      for (bool scaled : {false, true}) {
-        SCOPED_TRACE(fmt::format("w={} cd={} scaled={}", c10::toString(wdt), to_string(cd), scaled));
+      for (auto [scaled, group] : {std::pair{false, 3}, std::pair{true, 5}, std::pair{false, 6}}) {
+        SCOPED_TRACE(fmt::format("w={} cd={} scaled={} group={}", c10::toString(wdt), to_string(cd), scaled, group));
         DKMConfig cfg;
         cfg.cluster_dtype = cd;
-        // Groups of 3 rows: the CPU loops take rows in pairs within a group, so a group ends
-        // with a lone row; 42 columns leave a tail after the unrolled loops.
-        cfg.group_size = 3;
+        // The CPU loops take up to four rows of a group at a time: groups of 3, 5 and 6 rows
+        // leave sets of 1, 2 and 3; 42 columns leave a tail after the unrolled loops.
+        cfg.group_size = group;
         cfg.per_row_scale = scaled;
-        at::Tensor w = (at::randn({12, 42}) * 0.02).to(wdt);
+        at::Tensor w = (at::randn({30, 42}) * 0.02).to(wdt);
         GroupLayout layout = GroupLayout::of(w, cfg);
         at::Tensor s = scaled ? row_scales(w) : at::Tensor();
         auto fast = make_pattern_index(w, layout, cfg, s, Kernels::kAuto);
