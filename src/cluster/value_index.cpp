@@ -325,8 +325,8 @@ class PatternIndex final : public ValueIndex {
   //     independent updates overlap, and runs of equal patterns within a row do not serialise
   //     on store-to-load forwarding. In place, the index took 8.9 ms and the sums 11.4, against
   //     9.7 and 13.2 with two rows at a time over two ways each (8.0 and 10.6 against 11.4 and
-  //     13.5 in isolation). With one table for everything the sums of an all-zero weight took
-  //     47 ms, with four ways 16;
+  //     13.5 in isolation). For an all-zero weight, the worst case, the sums took 47 ms in
+  //     isolation with one table for all rows, and take 16 in place with the four ways;
   //   - the ways of one pattern side by side (entry p * kWays + k), so that the hot patterns of
   //     a bell-shaped weight share cache lines;
   //   - fp32 tables for the sums of 16-bit and fp32 weights: the ~1,500 patterns that hold 96% of
