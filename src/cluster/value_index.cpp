@@ -116,12 +116,20 @@ __attribute__((target("avx512f,avx512bw"))) inline __m512i patterns16(const uint
   return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
 }
 
+// Both loops prefetch their input streams 1 KB ahead, a cache line per 32 weights: the hardware
+// prefetchers alone left them 20-30% slower (4096x11008 bf16, 2 threads, in isolation: emit
+// 7.7 ms against 10.9, gradient 11.3 against 13.7). The scatter-accumulations, bound by their
+// stores, got slower with it.
+constexpr int64_t kPrefetchAhead = 512;  // 16-bit elements
+
 // out[c] = bf16(table[w[c]]) for the leading multiple of 16 of n; returns how many were done.
 __attribute__((target("avx512f,avx512bw"))) int64_t emit_bf16_avx512(const uint16_t* w, const float* table,
                                                                      uint16_t* out, int64_t n) {
   int64_t c = 0;
-  for (; c + 16 <= n; c += 16)
+  for (; c + 16 <= n; c += 16) {
+    if (c % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + c + kPrefetchAhead), _MM_HINT_T0);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), bf16_bits16(_mm512_i32gather_ps(patterns16(w + c), table, 4)));
+  }
   return c;
 }
 
@@ -131,6 +139,10 @@ __attribute__((target("avx512f,avx512bw"))) int64_t input_grad_bf16_avx512(const
                                                                            uint16_t* out, int64_t n) {
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
+    if (c % 32 == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + c + kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(g + c + kPrefetchAhead), _MM_HINT_T0);
+    }
     const __m512i p = patterns16(w + c);
     const __m512 gv = _mm512_castsi512_ps(_mm512_slli_epi32(patterns16(g + c), 16));
     const __m512 r = _mm512_add_ps(_mm512_mul_ps(_mm512_i32gather_ps(p, jac, 4), gv), _mm512_i32gather_ps(p, h, 4));
