@@ -224,12 +224,17 @@ class PatternIndex final : public ValueIndex {
         using A = acc_t<W>;
         constexpr bool kScaled = decltype(scaled_tag)::value;
         const W* gptr = gr.data_ptr<W>();
-        accumulate_rows<A, W>(compact.data_ptr<double>(), umax_, kSumWindow, present,
-                              [&](int64_t r, A s, const W* w, int64_t c) {
-                                A v = static_cast<A>(gptr[r * layout_.cols + c]);
-                                if constexpr (kScaled) v = v * s;
-                                return std::make_pair(pattern_of<W, R, kScaled>(w[c], s), v);
-                              });
+        auto sum_in = [&](auto table_tag) {
+          using T = decltype(table_tag);
+          accumulate_rows<T, W>(compact.data_ptr<double>(), umax_, kSumWindow, present,
+                                [&](int64_t r, A s, const W* w, int64_t c) {
+                                  A v = static_cast<A>(gptr[r * layout_.cols + c]);
+                                  if constexpr (kScaled) v = v * s;
+                                  return std::make_pair(pattern_of<W, R, kScaled>(w[c], s), v);
+                                });
+        };
+        if (dominant_) sum_in(double{});
+        else sum_in(A{});
       });
       return compact.view({layout_.groups, umax_, 1});
     }
@@ -342,10 +347,13 @@ class PatternIndex final : public ValueIndex {
   //   - the ways of one pattern side by side (entry p * kWays + k), so that the hot patterns of
   //     a bell-shaped weight share cache lines;
   //   - fp32 tables for the sums of 16-bit and fp32 weights: the ~1,500 patterns that hold 96% of
-  //     a N(0, 0.02) bf16 weight then take 24 KB, in L1, against 48 KB in fp64 (sums 13.7 ms
-  //     against 16.2 in isolation). They are flushed into the fp64 totals every `window`
-  //     weights, so each entry adds up at most a few thousand gradients in fp32 (relative error
-  //     ~1e-6, far below the bf16 gradients' own 4e-3).
+  //     a N(0, 0.02) bf16 weight then take 24 KB, in L1, against 48 KB in fp64 (sums 11.4 ms
+  //     against 13.9 in place). They are flushed into the fp64 totals every `window` weights.
+  //     Where no value holds more than 1/256 of a group's weights, an entry then adds about
+  //     1,000 gradients or fewer in fp32 between flushes (1e-8..1e-6 from the fp64 sums, as
+  //     PatternIndex tests measure); where one value does (pruned zeros, a constant weight), its
+  //     entry could add 2^18 and fp32 would drift by up to 0.3%, so those weights keep fp64
+  //     tables (`dominant_`).
   //
   // Each thread covers a range of rows and flushes its tables into total[group] when the group
   // changes and every `window` weights (0: only then): no per-weight atomics. visit(g, f) calls
@@ -497,12 +505,15 @@ class PatternIndex final : public ValueIndex {
     const int64_t* count = hist.data_ptr<int64_t>();
     const int64_t G = layout_.groups;
     const uint16_t mask = rounding_ == at::kHalf ? exponent_mask<c10::Half>() : exponent_mask<c10::BFloat16>();
+    const int64_t group_weights = layout_.rows_per_group * layout_.cols;
     group_begin_.assign(G + 1, 0);
     for (int64_t g = 0; g < G; ++g) {
       int64_t n = 0;
       for (int64_t p = 0; p < kPatterns; ++p) {
-        if (count[g * kPatterns + p] == 0) continue;
+        const int64_t c = count[g * kPatterns + p];
+        if (c == 0) continue;
         if ((p & mask) == mask) throw_nonfinite(weight_, rounding_);
+        dominant_ = dominant_ || c * 256 > group_weights;
         ++n;
       }
       umax_ = std::max(umax_, n);
@@ -547,6 +558,7 @@ class PatternIndex final : public ValueIndex {
   at::Tensor slot_;                    // their rows in the flattened [G * U] tables
   std::vector<uint16_t> patterns_;     // the same patterns, on the host, group by group
   std::vector<int64_t> group_begin_;   // where each group starts in patterns_ (G + 1 entries)
+  bool dominant_ = false;              // a value holds more than 1/256 of its group's weights
 };
 
 // ---------------------------------------------------------------------------------------------
