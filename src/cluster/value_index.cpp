@@ -100,60 +100,94 @@ uint16_t pattern_of(W w, acc_t<W> s) {
   }
 }
 
-// AVX-512 loops for the commonest case, a bf16 weight clustered in bf16 without scale, whose
-// 16 bits are its own pattern: sixteen weights at a time, each table lookup one gather (the
-// scalar loops spend ~2.5 cycles per weight, most of it on the lookups). The arithmetic and the
-// rounding are the scalar loops' own: product, then sum, in fp32; bf16_bits() lane-wise.
-__attribute__((target("avx512f,avx512bw"))) inline __m256i bf16_bits16(__m512 f) {
+// AVX-512 loops for the bf16 cluster dtype (the default) of bf16 weights and of fp32 ones (the
+// master weights of training), with or without row scale: sixteen weights at a time, each
+// table lookup one gather (the scalar loops spend ~2.5 cycles per weight, most of it on the
+// lookups). The arithmetic and the rounding are the scalar loops' own, lane by lane: division
+// by the scale, product, then sum, in fp32; bf16_bits() for every rounding to bf16.
+template <typename W, typename R>
+constexpr bool kVectorised = std::is_same_v<R, c10::BFloat16> &&
+                             (std::is_same_v<W, c10::BFloat16> || std::is_same_v<W, float>);
+
+// bf16_bits() of 16 floats, in 32-bit lanes.
+__attribute__((target("avx512f,avx512bw"))) inline __m512i bf16_bits16(__m512 f) {
   const __m512i u = _mm512_castps_si512(f);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
 }
 
-__attribute__((target("avx512f,avx512bw"))) inline __m512i patterns16(const uint16_t* w) {
-  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+__attribute__((target("avx512f,avx512bw"))) inline __m512i load_u16x16(const void* p) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
 }
 
-// Both loops prefetch their input streams 1 KB ahead, a cache line per 32 weights: the hardware
+template <typename W>
+__attribute__((target("avx512f,avx512bw"))) inline __m512 load16(const W* p) {
+  if constexpr (std::is_same_v<W, float>) return _mm512_loadu_ps(p);
+  else return _mm512_castsi512_ps(_mm512_slli_epi32(load_u16x16(p), 16));
+}
+
+template <typename W>
+__attribute__((target("avx512f,avx512bw"))) inline void store16(W* p, __m512 v) {
+  if constexpr (std::is_same_v<W, float>) _mm512_storeu_ps(p, v);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits16(v)));
+}
+
+// pattern_of() for 16 weights: a bf16 weight without scale is its own pattern.
+template <typename W, bool kScaled>
+__attribute__((target("avx512f,avx512bw"))) inline __m512i patterns16(const W* w, __m512 s) {
+  if constexpr (std::is_same_v<W, c10::BFloat16> && !kScaled) {
+    return load_u16x16(w);
+  } else {
+    __m512 x = load16(w);
+    if constexpr (kScaled) x = _mm512_div_ps(x, s);
+    return bf16_bits16(x);
+  }
+}
+
+// Both loops prefetch their input streams 1 KB ahead, a cache line at a time: the hardware
 // prefetchers alone left them 20-30% slower (4096x11008 bf16, 2 threads, in isolation: emit
 // 7.7 ms against 10.9, gradient 11.3 against 13.7). The scatter-accumulations, bound by their
 // stores, got slower with it.
-constexpr int64_t kPrefetchAhead = 512;  // 16-bit elements
+template <typename W>
+__attribute__((target("avx512f,avx512bw"))) inline void prefetch_ahead(const W* p, int64_t c) {
+  constexpr int64_t kAhead = 1024 / sizeof(W), kLine = 64 / sizeof(W);
+  if (c % kLine == 0) _mm_prefetch(reinterpret_cast<const char*>(p + c + kAhead), _MM_HINT_T0);
+}
 
-// out[c] = bf16(table[w[c]]) for the leading multiple of 16 of n; returns how many were done.
-__attribute__((target("avx512f,avx512bw"))) int64_t emit_bf16_avx512(const uint16_t* w, const float* table,
-                                                                     uint16_t* out, int64_t n) {
+// out[c] = table[p(w[c])] (* s) in W for the leading multiple of 16 of n; returns how many were
+// done.
+template <typename W, bool kScaled>
+__attribute__((target("avx512f,avx512bw"))) int64_t emit_avx512(const W* w, float s, const float* table, W* out,
+                                                                int64_t n) {
+  const __m512 sv = _mm512_set1_ps(s);
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
-    if (c % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + c + kPrefetchAhead), _MM_HINT_T0);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), bf16_bits16(_mm512_i32gather_ps(patterns16(w + c), table, 4)));
+    prefetch_ahead(w, c);
+    __m512 y = _mm512_i32gather_ps(patterns16<W, kScaled>(w + c, sv), table, 4);
+    if constexpr (kScaled) y = _mm512_mul_ps(y, sv);
+    store16(out + c, y);
   }
   return c;
 }
 
-// out[c] = bf16(jac[w[c]] * g[c] + h[w[c]]), likewise.
-__attribute__((target("avx512f,avx512bw"))) int64_t input_grad_bf16_avx512(const uint16_t* w, const uint16_t* g,
-                                                                           const float* jac, const float* h,
-                                                                           uint16_t* out, int64_t n) {
+// out[c] = jac[p] * g[c] + h[p] (/ s), p = p(w[c]), likewise.
+template <typename W, bool kScaled>
+__attribute__((target("avx512f,avx512bw"))) int64_t input_grad_avx512(const W* w, const W* g, float s,
+                                                                      const float* jac, const float* h, W* out,
+                                                                      int64_t n) {
+  const __m512 sv = _mm512_set1_ps(s);
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
-    if (c % 32 == 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + c + kPrefetchAhead), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(g + c + kPrefetchAhead), _MM_HINT_T0);
-    }
-    const __m512i p = patterns16(w + c);
-    const __m512 gv = _mm512_castsi512_ps(_mm512_slli_epi32(patterns16(g + c), 16));
-    const __m512 r = _mm512_add_ps(_mm512_mul_ps(_mm512_i32gather_ps(p, jac, 4), gv), _mm512_i32gather_ps(p, h, 4));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), bf16_bits16(r));
+    prefetch_ahead(w, c);
+    prefetch_ahead(g, c);
+    const __m512i p = patterns16<W, kScaled>(w + c, sv);
+    __m512 palette_path = _mm512_i32gather_ps(p, h, 4);
+    if constexpr (kScaled) palette_path = _mm512_div_ps(palette_path, sv);
+    store16(out + c, _mm512_add_ps(_mm512_mul_ps(_mm512_i32gather_ps(p, jac, 4), load16(g + c)), palette_path));
   }
   return c;
 }
-
-// A bf16 weight clustered in bf16 without scale: the case the AVX-512 loops above serve.
-template <typename W, typename R, bool kScaled>
-constexpr bool kBf16OwnPattern = std::is_same_v<W, c10::BFloat16> && std::is_same_v<R, c10::BFloat16> && !kScaled;
 
 template <typename R>
 constexpr uint16_t exponent_mask() {
@@ -185,14 +219,14 @@ class PatternIndex final : public ValueIndex {
         using L = std::conditional_t<kScaled, acc_t<W>, W>;
         const L* lp = narrow_lut.data_ptr<L>();
         const float* lut32 = nullptr;  // the fp32 table, for the AVX-512 loop
-        if constexpr (kBf16OwnPattern<W, R, kScaled>) lut32 = cpu_has_avx512bw() ? lut.data_ptr<float>() : nullptr;
+        if constexpr (kVectorised<W, R>) lut32 = cpu_has_avx512bw() ? lut.data_ptr<float>() : nullptr;
         W* o = out.data_ptr<W>();
         for_each_row<W>([&](int64_t r, int64_t g, acc_t<W> s, const W* w) {
           const L* lg = lp + g * kPatterns;
           W* orow = o + r * layout_.cols;
           int64_t c = 0;
-          if constexpr (kBf16OwnPattern<W, R, kScaled>)
-            if (lut32) c = emit_bf16_avx512(&w->x, lut32 + g * kPatterns, &orow->x, layout_.cols);
+          if constexpr (kVectorised<W, R>)
+            if (lut32) c = emit_avx512<W, kScaled>(w, s, lut32 + g * kPatterns, orow, layout_.cols);
           for (; c < layout_.cols; ++c) {
             if constexpr (kScaled) orow[c] = from_acc<W>(lg[pattern_of<W, R, true>(w[c], s)] * s);
             else orow[c] = lg[pattern_of<W, R, false>(w[c], s)];
@@ -270,9 +304,8 @@ class PatternIndex final : public ValueIndex {
           const W* gw = gptr + r * layout_.cols;
           W* orow = o + r * layout_.cols;
           int64_t c = 0;
-          if constexpr (kBf16OwnPattern<W, R, kScaled>)
-            if (cpu_has_avx512bw())
-              c = input_grad_bf16_avx512(&w->x, &gw->x, jg, hg, &orow->x, layout_.cols);
+          if constexpr (kVectorised<W, R>)
+            if (cpu_has_avx512bw()) c = input_grad_avx512<W, kScaled>(w, gw, s, jg, hg, orow, layout_.cols);
           for (; c < layout_.cols; ++c) {
             const uint16_t p = pattern_of<W, R, kScaled>(w[c], s);
             A palette_path = hg[p];
