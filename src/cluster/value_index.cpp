@@ -189,6 +189,16 @@ __attribute__((target("avx512f,avx512bw"))) int64_t input_grad_avx512(const W* w
   return c;
 }
 
+// out[c] = p(w[c]), likewise.
+template <typename W, bool kScaled>
+__attribute__((target("avx512f,avx512bw"))) int64_t patterns_avx512(const W* w, float s, uint16_t* out, int64_t n) {
+  const __m512 sv = _mm512_set1_ps(s);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm512_cvtepi32_epi16(patterns16<W, kScaled>(w + c, sv)));
+  return c;
+}
+
 template <typename R>
 constexpr uint16_t exponent_mask() {
   return std::is_same_v<R, c10::Half> ? 0x7C00 : 0x7F80;
@@ -260,12 +270,12 @@ class PatternIndex final : public ValueIndex {
         const W* gptr = gr.data_ptr<W>();
         auto sum_in = [&](auto table_tag) {
           using T = decltype(table_tag);
-          accumulate_rows<T, W>(compact.data_ptr<double>(), umax_, kSumWindow, present,
-                                [&](int64_t r, A s, const W* w, int64_t c) {
-                                  A v = static_cast<A>(gptr[r * layout_.cols + c]);
-                                  if constexpr (kScaled) v = v * s;
-                                  return std::make_pair(pattern_of<W, R, kScaled>(w[c], s), v);
-                                });
+          accumulate_rows<T, W, R, kScaled>(compact.data_ptr<double>(), umax_, kSumWindow, present,
+                                            [&](int64_t r, A s, int64_t c) {
+                                              A v = static_cast<A>(gptr[r * layout_.cols + c]);
+                                              if constexpr (kScaled) v = v * s;
+                                              return v;
+                                            });
         };
         if (dominant_) sum_in(double{});
         else sum_in(A{});
@@ -364,9 +374,25 @@ class PatternIndex final : public ValueIndex {
     at::parallel_for(0, layout_.rows, row_grain(), [&](int64_t r0, int64_t r1) { f(r0, r1, row); });
   }
 
+  // The patterns of n weights of a row: a 16-bit weight clustered in its own dtype without
+  // scale is its own pattern; otherwise they are computed into buf.
+  template <typename W, typename R, bool kScaled>
+  static const uint16_t* row_patterns(const W* w, acc_t<W> s, int64_t n, uint16_t* buf) {
+    if constexpr (std::is_same_v<W, R> && !kScaled) {
+      return &w->x;
+    } else {
+      int64_t c = 0;
+      if constexpr (kVectorised<W, R>)
+        if (cpu_has_avx512bw()) c = patterns_avx512<W, kScaled>(w, s, buf, n);
+      for (; c < n; ++c) buf[c] = pattern_of<W, R, kScaled>(w[c], s);
+      return buf;
+    }
+  }
+
   // Scatter-accumulation over rows into per-pattern tables (the histogram and the gradient sum):
-  // item(row, scale, weight row, column) gives a weight's pattern and the value (of type T) it
-  // adds.
+  // each weight adds value(row, scale, column) to the entry of its pattern. Where the pattern is
+  // not the weight's own bits, a chunk of each row's patterns is computed first (with AVX-512
+  // where the loops above apply: fp32 weights, or scaled ones), then added.
   //
   // The loop is bound by its read-modify-writes (one store per weight), by the CPU's guesses
   // about which load depends on which earlier store, and by how much of the tables stays in the
@@ -394,8 +420,9 @@ class PatternIndex final : public ValueIndex {
   // total + g * width; only those table entries are cleared and flushed (all 65,536 for the
   // histogram, the U present ones for the sums).
   static constexpr int kWays = 4;
-  template <typename T, typename W, typename Total, typename Visit, typename Item>
-  void accumulate_rows(Total* total, int64_t width, int64_t window, Visit&& visit, Item&& item) const {
+  static constexpr int64_t kChunk = 512;  // columns whose patterns are computed at a time
+  template <typename T, typename W, typename R, bool kScaled, typename Total, typename Visit, typename Value>
+  void accumulate_rows(Total* total, int64_t width, int64_t window, Visit&& visit, Value&& value) const {
     const int64_t cols = layout_.cols;
     // A thread's first group may continue the previous thread's last: that one goes to a side
     // table, added in row order after the loop, so that floating-point sums do not depend on
@@ -405,6 +432,7 @@ class PatternIndex final : public ValueIndex {
     for_each_row_range<W>([&](int64_t r0, int64_t r1, auto&& row) {
       std::unique_ptr<T[]> local(new T[kWays * kPatterns]);  // entries outside visit() unused
       T* t = local.get();
+      std::vector<uint16_t> patterns(kWays * kChunk);
       int64_t cur = r0 / layout_.rows_per_group;
       const bool continues = r0 % layout_.rows_per_group != 0;
       std::vector<Total> side(continues ? width : 0, Total(0));
@@ -433,16 +461,18 @@ class PatternIndex final : public ValueIndex {
         acc_t<W> s[M];
         const W* w[M];
         for (int i = 0; i < M; ++i) std::tie(std::ignore, s[i], w[i]) = row(r + i);
-        auto add = [&](int way, int i, int64_t c) {
-          const auto [p, v] = item(r + i, s[i], w[i], c);
-          t[p * kWays + way] += v;
-        };
-        int64_t c = 0;
-        for (; c + kTurns <= cols; c += kTurns)
-          for (int q = 0; q < kTurns; ++q)
-            for (int i = 0; i < M; ++i) add(i + M * q, i, c + q);
-        for (; c < cols; ++c)
-          for (int i = 0; i < M; ++i) add(i, i, c);
+        for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
+          const int64_t len = std::min(kChunk, cols - c0);
+          const uint16_t* pat[M];
+          for (int i = 0; i < M; ++i) pat[i] = row_patterns<W, R, kScaled>(w[i] + c0, s[i], len, &patterns[i * kChunk]);
+          auto add = [&](int way, int i, int64_t c) { t[pat[i][c] * kWays + way] += value(r + i, s[i], c0 + c); };
+          int64_t c = 0;
+          for (; c + kTurns <= len; c += kTurns)
+            for (int q = 0; q < kTurns; ++q)
+              for (int i = 0; i < M; ++i) add(i + M * q, i, c + q);
+          for (; c < len; ++c)
+            for (int i = 0; i < M; ++i) add(i, i, c);
+        }
       };
       clear();
       int64_t pending = 0;  // weights added since the last flush
@@ -517,10 +547,8 @@ class PatternIndex final : public ValueIndex {
           for (int64_t p = 0; p < kPatterns; ++p) f(p, p);
         };
         // uint32 counts cannot overflow within 2^31 weights.
-        accumulate_rows<uint32_t, W>(hist.data_ptr<int64_t>(), kPatterns, int64_t(1) << 31, all,
-                                     [&](int64_t, acc_t<W> s, const W* w, int64_t c) {
-                                       return std::make_pair(pattern_of<W, R, kScaled>(w[c], s), uint32_t(1));
-                                     });
+        accumulate_rows<uint32_t, W, R, kScaled>(hist.data_ptr<int64_t>(), kPatterns, int64_t(1) << 31, all,
+                                                 [](int64_t, acc_t<W>, int64_t) { return uint32_t(1); });
       });
       return hist;
     }
