@@ -2,9 +2,11 @@
 // the edge cases.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <fstream>
+#include <map>
 
 #include "cluster/cluster.h"
 #include "common/memory.h"
@@ -340,6 +342,33 @@ TEST(DKM, RejectsBadInput) {
   EXPECT_THROW(dkm(w, p, scaled), std::invalid_argument);
   EXPECT_THROW(dkm(w, p, scaled, at::zeros({8})), std::invalid_argument);
   EXPECT_THROW(parse_cluster_dtype("int8"), std::invalid_argument);
+}
+
+// `edkm bench dkm --json` end to end on a shrunken layer: every method's row, in both weight
+// dtypes, and a clear refusal of a dtype it does not run.
+TEST(Cli, BenchDkmReportsEveryMethodAsJson) {
+  test::TempDir tmp;
+  for (const std::string dtype : {"bf16", "fp32"}) {
+    test::CliResult r = test::run_cli("bench dkm --layer-scale 0.002 --reps 1 --dense-slice 4096 --json --weights " + dtype, tmp);
+    ASSERT_EQ(r.code, 0) << r.err;
+    const auto j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j["weights"], dtype);
+    std::map<std::string, int64_t> weights;
+    for (const auto& row : j["rows"]) weights[row["method"].get<std::string>() + "/" + row["scope"].get<std::string>()] = row["weights"];
+    // The layer: 4 x 8x4096, 2 x 22x4096 and 8x11008 at scale 0.002.
+    const int64_t layer = 4 * 8 * 4096 + 2 * 22 * 4096 + 8 * 11008;
+    EXPECT_EQ(weights["floor (w*s)/layer"], layer);
+    EXPECT_EQ(weights["unique/layer"], layer);
+    EXPECT_EQ(weights["auto/layer"], layer);
+    EXPECT_EQ(weights["dense/layer"], layer);
+    EXPECT_EQ(weights["dense/slice"], 4096);
+    EXPECT_EQ(weights["unique/slice"], 4096);
+    EXPECT_GT(j["unique_over_floor_time"].get<double>(), 0);
+    EXPECT_GT(j["speedup_unique_vs_dense"].get<double>(), 1);
+  }
+  test::CliResult bad = test::run_cli("bench dkm --weights fp16", tmp);
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.err.find("fp16"), std::string::npos) << bad.err;
 }
 
 }  // namespace

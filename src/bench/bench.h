@@ -21,6 +21,9 @@ double best_seconds(const std::function<void()>& f, int reps);
 std::vector<at::Tensor> llama7b_layer(at::ScalarType dtype, double scale = 1.0, uint64_t seed = 0);
 
 struct DKMBenchOptions {
+  // The layer's dtype: bf16 (the benchmark), or fp32 as the master weights of training,
+  // which DKM rounds to its bf16 cluster dtype.
+  at::ScalarType weight_dtype = at::kBFloat16;
   int bits = 3;
   int reps = 3;
   double layer_scale = 1.0;   // 1 = the real LLaMA-7B layer

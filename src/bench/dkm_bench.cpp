@@ -109,7 +109,7 @@ DKMBenchResult run_dkm_bench(const DKMBenchOptions& opts) {
   DKMConfig cfg;
   cfg.bits = opts.bits;
 
-  std::vector<at::Tensor> layer = llama7b_layer(at::kBFloat16, opts.layer_scale);
+  std::vector<at::Tensor> layer = llama7b_layer(opts.weight_dtype, opts.layer_scale);
   std::vector<at::Tensor> grads, palettes;
   for (const auto& w : layer) {
     grads.push_back(at::randn_like(w));
@@ -122,7 +122,7 @@ DKMBenchResult run_dkm_bench(const DKMBenchOptions& opts) {
       return dkm(w, pal[i], c).weight;
     };
   };
-  const at::Tensor s = at::full({}, 1.5, at::kBFloat16);
+  const at::Tensor s = at::full({}, 1.5, opts.weight_dtype);
   Forward floor = [&](size_t, const at::Tensor& w) { return w * s; };
 
   Case floor_case("floor (w*s)", "layer", layer, grads, floor);
@@ -160,8 +160,8 @@ DKMBenchResult run_dkm_bench(const DKMBenchOptions& opts) {
 
 std::string format_table(const DKMBenchResult& r) {
   std::string s = fmt::format(
-      "DKM forward+backward, bits {}, bf16 weights N(0, 0.02), threads {}, best of {}\n",
-      r.options.bits, r.threads, r.options.reps);
+      "DKM forward+backward, bits {}, {} weights N(0, 0.02), threads {}, best of {}\n", r.options.bits,
+      r.options.weight_dtype == at::kFloat ? "fp32" : "bf16", r.threads, r.options.reps);
   s += fmt::format("{:<12} {:<22} {:>12} {:>10} {:>12} {:>12}\n", "method", "scope", "weights",
                    "seconds", "saved MiB", "extra MiB");
   for (const auto& row : r.rows) {
@@ -184,6 +184,7 @@ nlohmann::json to_json(const DKMBenchResult& r) {
                     {"weights", row.weights}, {"seconds", row.seconds},
                     {"saved_bytes", row.saved_bytes}, {"extra_bytes", row.extra_bytes}});
   return {{"benchmark", "dkm"},
+          {"weights", r.options.weight_dtype == at::kFloat ? "fp32" : "bf16"},
           {"bits", r.options.bits},
           {"reps", r.options.reps},
           {"layer_scale", r.options.layer_scale},

@@ -37,8 +37,12 @@ void register_bench(CLI::App& app) {
       ->check(CLI::Range(1e-3, 1.0));
   dkm->add_option("--dense-slice", opts->dense_slice, "Weights the dense method is run on")
       ->check(CLI::Range(int64_t(1024), int64_t(1) << 30));
+  auto weights = std::make_shared<std::string>("bf16");
+  dkm->add_option("--weights", *weights, "The layer's dtype: bf16, or fp32 (training's master weights)")
+      ->check(CLI::IsMember({"bf16", "fp32"}));
   dkm->add_flag("--json", *json, "Print the results as JSON");
-  add_runner(dkm, [opts, json] {
+  add_runner(dkm, [opts, json, weights] {
+    opts->weight_dtype = parse_dtype(*weights);
     bench::DKMBenchResult r = bench::run_dkm_bench(*opts);
     print(*json, r, [](const auto& x) { return bench::format_table(x); });
   });
