@@ -418,7 +418,7 @@ class PatternIndex final : public ValueIndex {
   //     tables (`dominant_`).
   //
   // Each thread covers a range of rows and flushes its tables into total[group] when the group
-  // changes and every `window` weights (0: only then): no per-weight atomics. visit(g, f) calls
+  // changes and every `window` weights: no per-weight atomics. visit(g, f) calls
   // f(pattern, entry) for every pattern that group g may hold, entry being its place in
   // total + g * width; only those table entries are cleared and flushed (all 65,536 for the
   // histogram, the U present ones for the sums).
@@ -486,7 +486,7 @@ class PatternIndex final : public ValueIndex {
           cur = g;
           clear();
           pending = 0;
-        } else if (window > 0 && pending >= window) {
+        } else if (pending >= window) {
           flush();
           pending = 0;
         }
