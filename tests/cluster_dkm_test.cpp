@@ -367,6 +367,11 @@ TEST(Cli, BenchDkmReportsEveryMethodAsJson) {
     EXPECT_GT(j["unique_over_floor_time"].get<double>(), 0);
     EXPECT_GT(j["speedup_unique_vs_dense"].get<double>(), 0);
     EXPECT_GT(j["unique_over_dense_memory"].get<double>(), 0);
+    // Six passes of the unique method on each of the two shapes.
+    ASSERT_EQ(j["passes"].size(), 12u);
+    for (const auto& p : j["passes"]) EXPECT_GT(p["seconds"].get<double>(), 0) << p.dump();
+    EXPECT_EQ(j["passes"][0]["matrix"], "q_proj");
+    EXPECT_EQ(j["passes"][6]["matrix"], "gate_proj");
   }
   test::CliResult bad = test::run_cli("bench dkm --weights fp16", tmp);
   EXPECT_NE(bad.code, 0);

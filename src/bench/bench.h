@@ -40,10 +40,18 @@ struct DKMBenchRow {
   int64_t extra_bytes = 0;  // peak during forward + backward beyond inputs, outputs, gradients
 };
 
+// One pass of the unique method on one matrix (src/cluster/value_index.h, uspace.h).
+struct DKMPassRow {
+  std::string matrix;  // "q_proj" (4096 x 4096) or "gate_proj" (11008 x 4096), at layer_scale
+  std::string pass;    // index | uspace_forward | emit | gradient_sum | uspace_backward | gradient
+  double seconds = 0;  // best of reps
+};
+
 struct DKMBenchResult {
   DKMBenchOptions options;
   int threads = 0;
   std::vector<DKMBenchRow> rows;
+  std::vector<DKMPassRow> passes;
   // dense / unique time on the same slice, dense / unique extra memory for the layer
   // (dense extrapolated), unique / floor time on the layer.
   double speedup_vs_dense = 0, memory_ratio = 0, vs_floor = 0;

@@ -10,6 +10,9 @@
 
 #include "bench/bench.h"
 #include "cluster/cluster.h"
+#include "cluster/layout.h"
+#include "cluster/uspace.h"
+#include "cluster/value_index.h"
 #include "common/memory.h"
 
 namespace edkm::bench {
@@ -99,6 +102,45 @@ void measure_side_by_side(std::vector<Case*> cases, int reps) {
 
 std::string mib(int64_t b) { return fmt::format("{:.1f}", b / 1048576.0); }
 
+// The unique method's passes on one matrix, each timed on its own (best of reps), with the
+// dtypes dkm() gives them: the unique-space arithmetic in fp64, the per-value tables in fp32.
+std::vector<DKMPassRow> measure_passes(const std::string& name, const at::Tensor& w, const at::Tensor& grad,
+                                       const DKMConfig& cfg, int reps) {
+  using namespace detail;
+  const GroupLayout layout = GroupLayout::of(w, cfg);
+  const at::Tensor palette = init_palette(w, cfg).to(at::kDouble);
+  const SoftKMeans p = SoftKMeans::from(cfg);
+  const char* names[] = {"index", "uspace_forward", "emit", "gradient_sum", "uspace_backward", "gradient"};
+  std::vector<double> best(6, 1e300);
+  for (int r = 0; r < std::max(1, reps) + 1; ++r) {  // the first round warms up
+    std::vector<double> t;
+    auto lap = [&, t0 = std::chrono::steady_clock::now()]() mutable {
+      const auto now = std::chrono::steady_clock::now();
+      t.push_back(std::chrono::duration<double>(now - t0).count());
+      t0 = now;
+    };
+    auto index = make_pattern_index(w, layout, cfg, at::Tensor());
+    lap();
+    const at::Tensor v = index->values().to(at::kDouble), n = index->counts().to(at::kDouble);
+    at::Tensor out;
+    UniqueSpaceState state = uspace_forward(v, n, palette, p, &out);
+    lap();
+    at::Tensor y = index->emit(out.to(at::kFloat));
+    lap();
+    at::Tensor g = index->aggregate(grad).to(at::kDouble);
+    lap();
+    UniqueSpaceGrad ug = uspace_backward(v, n, state, g, p);
+    lap();
+    at::Tensor dw = index->input_grad(grad, ug.jac.to(at::kFloat), ug.h.to(at::kFloat));
+    lap();
+    if (r > 0)
+      for (size_t i = 0; i < best.size(); ++i) best[i] = std::min(best[i], t[i]);
+  }
+  std::vector<DKMPassRow> rows;
+  for (size_t i = 0; i < best.size(); ++i) rows.push_back({name, names[i], best[i]});
+  return rows;
+}
+
 }  // namespace
 
 DKMBenchResult run_dkm_bench(const DKMBenchOptions& opts) {
@@ -152,6 +194,9 @@ DKMBenchResult run_dkm_bench(const DKMBenchOptions& opts) {
   dense_layer.extra_bytes = int64_t(dense_layer.extra_bytes * f);
 
   res.rows = {floor_row, unique_row, auto_row, dense_layer, dense_slice, unique_slice};
+  // Where the unique method's time goes, on the layer's two shapes (q_proj and gate_proj).
+  for (auto [i, name] : {std::pair<size_t, const char*>{0, "q_proj"}, {4, "gate_proj"}})
+    for (DKMPassRow& row : measure_passes(name, layer[i], grads[i], cfg, opts.reps)) res.passes.push_back(row);
   res.speedup_vs_dense = dense_slice.seconds / unique_slice.seconds;
   res.memory_ratio = double(unique_row.extra_bytes) / double(dense_layer.extra_bytes);
   res.vs_floor = unique_row.seconds / floor_row.seconds;
@@ -174,6 +219,12 @@ std::string format_table(const DKMBenchResult& r) {
   s += fmt::format("unique / element-wise floor, layer: {:.2f}x the time\n", r.vs_floor);
   s += fmt::format("unique / dense extra memory, layer: {:.4f}% (dense extrapolated)\n",
                    100 * r.memory_ratio);
+  s += fmt::format("unique method by pass, ms (each timed alone, best of {}):\n", r.options.reps);
+  s += fmt::format("{:<16} {:>10} {:>10}\n", "pass", "q_proj", "gate_proj");
+  const size_t per_matrix = r.passes.size() / 2;  // q_proj's passes, then gate_proj's
+  for (size_t i = 0; i < per_matrix; ++i)
+    s += fmt::format("{:<16} {:>10.2f} {:>10.2f}\n", r.passes[i].pass, 1e3 * r.passes[i].seconds,
+                     1e3 * r.passes[per_matrix + i].seconds);
   return s;
 }
 
@@ -183,6 +234,8 @@ nlohmann::json to_json(const DKMBenchResult& r) {
     rows.push_back({{"method", row.method}, {"scope", row.scope}, {"extrapolated", row.extrapolated},
                     {"weights", row.weights}, {"seconds", row.seconds},
                     {"saved_bytes", row.saved_bytes}, {"extra_bytes", row.extra_bytes}});
+  nlohmann::json passes = nlohmann::json::array();
+  for (const auto& p : r.passes) passes.push_back({{"matrix", p.matrix}, {"pass", p.pass}, {"seconds", p.seconds}});
   return {{"benchmark", "dkm"},
           {"weights", r.options.weight_dtype == at::kFloat ? "fp32" : "bf16"},
           {"bits", r.options.bits},
@@ -190,6 +243,7 @@ nlohmann::json to_json(const DKMBenchResult& r) {
           {"layer_scale", r.options.layer_scale},
           {"threads", r.threads},
           {"rows", rows},
+          {"passes", passes},
           {"speedup_unique_vs_dense", r.speedup_vs_dense},
           {"unique_over_floor_time", r.vs_floor},
           {"unique_over_dense_memory", r.memory_ratio}};
