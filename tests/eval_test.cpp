@@ -39,8 +39,10 @@ TEST(Tasks, RealFilesHaveTheExpectedItems) {
 
   Task copa = load_task("copa", a);  // "The man turned on the faucet." / effect
   EXPECT_EQ(copa.items[0].choices[0].context, "The man turned on the faucet therefore");
-  EXPECT_EQ(copa.items[0].choices[0].continuation, " the toilet filled with water.");
-  EXPECT_EQ(copa.items[0].choices[1].continuation, " water flowed from the spout.");
+  // lm-eval's super_glue/copa/utils.py doc_to_choice returns " " + choice, and construct_requests
+  // prepends the target delimiter " ": two spaces.
+  EXPECT_EQ(copa.items[0].choices[0].continuation, "  the toilet filled with water.");
+  EXPECT_EQ(copa.items[0].choices[1].continuation, "  water flowed from the spout.");
   EXPECT_EQ(copa.items[0].gold, 1);
 
   Task hs = load_task("hellaswag", a);
@@ -125,7 +127,9 @@ TEST(Harness, LogLikelihoodsMatchDirectComputationForEveryTaskType) {
     for (const auto& it : t.items) reqs.insert(reqs.end(), it.choices.begin(), it.choices.end());
     EvalOptions o;
     o.batch = 4;  // mixed lengths in a batch: padding and sorting are exercised
-    std::vector<double> ll = loglikelihoods(m.model, *m.tokenizer, reqs, o);
+    const std::vector<Response> resps = loglikelihoods(m.model, *m.tokenizer, reqs, o);
+    std::vector<double> ll;
+    for (const auto& r : resps) ll.push_back(r.loglikelihood);
     for (size_t i = 0; i < reqs.size(); ++i) {
       if (m.tokenizer->encode(reqs[i].context + reqs[i].continuation, true, false).size() > 512) continue;  // truncated
       EXPECT_NEAR(ll[i], reference_ll(m.model, *m.tokenizer, reqs[i]), 1e-3) << name << " request " << i;
@@ -186,15 +190,18 @@ TEST(Cli, PerplexityOfTheWholeFileOrItsHeldOutTail) {
   EXPECT_EQ(nlohmann::json::parse(r.out)["tasks"]["copa"]["n"].get<int64_t>(), 4);
 }
 
+// A choice as the task readers make it: continuation " " + text, normalised by the text.
+Choice choice(const std::string& text) { return {"c", " " + text, text}; }
+
 TEST(Harness, ScoringMatchesHandComputedValues) {
   Task t{"hand", "", true, {}};
-  // Item 1: ll -3 over 10 bytes vs -2 over 1 byte: acc picks choice 1, acc_norm choice 0.
-  t.items.push_back({{{"c", std::string(10, 'x')}, {"c", "y"}}, 0});
+  // Item 1: ll -3 over 10 characters vs -2 over 1: acc picks choice 1, acc_norm choice 0.
+  t.items.push_back({{choice(std::string(10, 'x')), choice("y")}, 0});
   // Item 2: three choices, the gold one most likely and shortest.
-  t.items.push_back({{{"c", "aa"}, {"c", "bbbb"}, {"c", "c"}}, 2});
+  t.items.push_back({{choice("aa"), choice("bbbb"), choice("c")}, 2});
   // Items 3, 4: two-way, right and wrong.
-  t.items.push_back({{{"c", "a"}, {"c", "b"}}, 0});
-  t.items.push_back({{{"c", "a"}, {"c", "b"}}, 1});
+  t.items.push_back({{choice("a"), choice("b")}, 0});
+  t.items.push_back({{choice("a"), choice("b")}, 1});
   std::vector<double> ll = {-3, -2, -5, -6, -1, -1, -2, -1, -2};
   TaskResult r = score_task(t, ll);
   // acc: item 1 wrong (picks 1), item 2 right, item 3 right, item 4 wrong -> [0, 1, 1, 0].
@@ -205,6 +212,21 @@ TEST(Harness, ScoringMatchesHandComputedValues) {
   EXPECT_DOUBLE_EQ(r.acc_norm, 0.75);
   EXPECT_NEAR(r.acc_norm_stderr, std::sqrt(0.25 / 4), 1e-12);  // [1, 1, 1, 0]: variance 1/4
   EXPECT_NEAR(r.chance, (0.5 + 1.0 / 3 + 0.5 + 0.5) / 4, 1e-12);
+}
+
+// lm-evaluation-harness divides by len(choice) in Python: the choice text's characters, without
+// the " " delimiter of the continuation and counting code points, not bytes. Here dividing by
+// the continuation's length (or by bytes) picks the other choice.
+TEST(Harness, AccNormDividesByTheChoiceTextsCharacters) {
+  Task t{"norm", "", true, {}};
+  // -2 / 1 = -2 against -3.2 / 2 = -1.6: choice 1. By continuation: -2 / 2 = -1 against -3.2 / 3: choice 0.
+  t.items.push_back({{choice("a"), choice("bb")}, 1});
+  // "éé" is 2 characters in 4 bytes: -3.6 / 2 = -1.8 against -1.7 / 1: choice 1. By bytes: -0.9 against -1.7: choice 0.
+  t.items.push_back({{choice("\xC3\xA9\xC3\xA9"), choice("z")}, 1});
+  TaskResult r = score_task(t, {-2, -3.2, -3.6, -1.7});
+  EXPECT_DOUBLE_EQ(r.acc_norm, 1.0);
+  EXPECT_DOUBLE_EQ(r.acc, 0.5);  // item 1: -2 > -3.2 picks 0 (wrong); item 2: -1.7 > -3.6 picks 1 (right)
+  EXPECT_EQ(choice_length(t.items[1].choices[0]), 2);
 }
 
 TEST(Report, TableAndPlot) {

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/atomic_file.h"
+#include "common/checksum.h"
 #include "common/error.h"
 #include "export/format.h"
 #include "export/lut_kernel.h"
@@ -185,7 +186,35 @@ TEST(Reader, RejectsInconsistentFiles) {
          "has shape [26], expected [27]");
   expect("palette.edkm", [&](Tensors& t, Meta&) { auto& p = tensor(t, gate + ".palette"); p = p.narrow(1, 0, 4).clone(); },
          "palette' has shape [1, 4, 1], expected [1, 8, 1]");
-  expect("nan.edkm", [&](Tensors& t, Meta&) { tensor(t, gate + ".palette")[0][0][0] = NAN; }, "NaN or Inf");
+  {
+    // The writer refuses a NaN palette; a file that holds one anyway (another writer's, so
+    // without our checksum: verification is off here) is refused on reading, naming the tensor.
+    Tensors ts;
+    for (const auto& n : good.names()) ts.emplace_back(n, good.tensor(n).clone());
+    tensor(ts, gate + ".palette")[0][0][0] = NAN;
+    EXPECT_THROW(safetensors::write(tmp / "nan.edkm", ts, good.header().metadata), InputError);
+    tensor(ts, gate + ".palette")[0][0][0] = 1.0;
+    safetensors::write(tmp / "nan.edkm", ts, good.header().metadata);
+    uint64_t offset = 0;
+    {
+      safetensors::File f(tmp / "nan.edkm");
+      for (const auto& t : f.header().tensors)
+        if (t.name == gate + ".palette") offset = f.header().data_start + t.begin;
+    }
+    std::string bytes = read_file(tmp / "nan.edkm");
+    bytes[offset] = '\x00', bytes[offset + 1] = '\x7E';  // fp16 NaN, little-endian
+    write_file_atomic(tmp / "nan.edkm", bytes);
+    set_verify_checksums(false);
+    try {
+      read_compressed(tmp / "nan.edkm");
+      ADD_FAILURE() << "accepted a NaN palette";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("palette of '" + gate + "': 1 of 8 values are NaN or Inf"), std::string::npos)
+          << e.what();
+    }
+    set_verify_checksums(true);
+    EXPECT_THROW(read_compressed(tmp / "nan.edkm"), InputError);  // and with verification, the checksum
+  }
   expect("dtype.edkm", [&](Tensors& t, Meta&) { auto& p = tensor(t, gate + ".palette"); p = p.to(at::kFloat); },
          "is Float, expected Half");
   expect("bits.edkm", [&](Tensors&, Meta& m) {

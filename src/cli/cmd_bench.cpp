@@ -70,7 +70,7 @@ void register_bench(CLI::App& app) {
   comp->add_option("-d,--data", copts->data, "Data: the last --val-fraction is held out");
   comp->add_option("--bits", copts->bits, "Bit widths")->check(CLI::Range(1, 8));
   comp->add_option("--rtn-group", copts->rtn_group, "RTN group size along rows");
-  comp->add_option("--lr", ctrain->train.lr, "Fine-tuning learning rate");
+  comp->add_option("--lr", ctrain->train.lr, "Fine-tuning learning rate")->check(positive_finite());
   comp->add_option("--steps", ctrain->train.steps, "Fine-tuning steps (default: one epoch)");
   comp->add_option("--seq-len", ctrain->data.seq_len, "Tokens per sequence");
   comp->add_flag("--json", *cjson, "Print the results as JSON");

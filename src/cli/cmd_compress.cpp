@@ -17,12 +17,13 @@
 namespace edkm::cli {
 namespace {
 
-std::atomic<bool> g_interrupted{false};
+std::atomic<int> g_signal{0};
 
-// First Ctrl-C: finish the step, write a checkpoint, stop. Second: the default (terminate).
-void on_sigint(int) {
-  g_interrupted = true;
-  std::signal(SIGINT, SIG_DFL);
+// First Ctrl-C or SIGTERM (what timeout, Slurm and container runtimes send): finish the step,
+// write a checkpoint, stop. A second signal: the default (terminate).
+void on_stop_signal(int sig) {
+  g_signal = sig;
+  std::signal(sig, SIG_DFL);
 }
 
 }  // namespace
@@ -38,6 +39,7 @@ void register_compress(CLI::App& app) {
   auto nproc = std::make_shared<int>(1);
   auto dkm_method = std::make_shared<std::string>("auto");
   auto json = std::make_shared<bool>(false);
+  auto dist_timeout = std::make_shared<int>(300);
   o->plan.defaults.bits = 3;
   o->train.lr = 1e-3;
   add_model_args(cmd, *args);
@@ -48,7 +50,7 @@ void register_compress(CLI::App& app) {
   cmd->add_option("--config", *config, "JSON compression config (per-name-pattern settings)");
   cmd->add_option("--group-size", o->plan.defaults.group_size, "Rows per palette (0: one palette per tensor)")->check(CLI::NonNegativeNumber);
   cmd->add_option("--cluster-dim", o->plan.defaults.cluster_dim, "Weights per centroid vector")->check(CLI::PositiveNumber);
-  cmd->add_option("--tau", o->plan.defaults.tau, "DKM softmax temperature");
+  cmd->add_option("--tau", o->plan.defaults.tau, "DKM softmax temperature")->check(positive_finite());
   cmd->add_option("--dkm-iters", o->plan.defaults.max_iters, "DKM iterations per step")->check(CLI::PositiveNumber);
   cmd->add_flag("--per-row-scale", o->plan.defaults.per_row_scale, "Divide rows by (max - min) / 2 before clustering");
   cmd->add_option("--cluster-dtype", *cluster_dtype, "Rounding before clustering: bf16, fp16, fp32")
@@ -62,23 +64,28 @@ void register_compress(CLI::App& app) {
                   "Data-parallel learners on this machine (c10d Gloo on loopback); a learner started by torchrun, "
                   "Slurm or mpirun joins from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT instead")
       ->check(CLI::Range(1, 256));
+  cmd->add_option("--dist-timeout", *dist_timeout,
+                  "Seconds to wait for the other learners to join, and for any collective, before failing")
+      ->check(CLI::Range(1, 86400));
   // data
   cmd->add_option("--seq-len", o->data.seq_len, "Tokens per training sequence")->check(CLI::Range(2, 1 << 20));
-  cmd->add_option("--val-fraction", o->data.val_fraction, "Held-out fraction (the end of the data)")->check(CLI::Range(0.0, 0.9));
+  cmd->add_option("--val-fraction", o->data.val_fraction, "Held-out fraction (the end of the data)")->check(finite_in(0.0, 0.9));
   cmd->add_flag("--pack", o->data.pack, "Pack Alpaca examples into full sequences");
   // training
-  cmd->add_option("--steps", o->train.steps, "Optimizer steps (default: one epoch)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--steps", o->train.steps, "Optimizer steps (default: one epoch)")->check(CLI::PositiveNumber);
   cmd->add_option("--batch", o->train.batch, "Sequences per micro-batch")->check(CLI::PositiveNumber);
   cmd->add_option("--grad-accum", o->train.grad_accum, "Micro-batches per step")->check(CLI::PositiveNumber);
-  cmd->add_option("--lr", o->train.lr, "Peak learning rate (AdamW)")->check(CLI::PositiveNumber);
-  cmd->add_option("--min-lr-ratio", o->train.min_lr_ratio, "Cosine floor as a fraction of --lr")->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--lr", o->train.lr, "Peak learning rate (AdamW)")->check(positive_finite());
+  cmd->add_option("--min-lr-ratio", o->train.min_lr_ratio, "Cosine floor as a fraction of --lr")->check(finite_in(0.0, 1.0));
   cmd->add_option("--warmup", o->train.warmup, "Warm-up steps")->check(CLI::NonNegativeNumber);
-  cmd->add_option("--weight-decay", o->train.weight_decay, "AdamW weight decay (matrices only)")->check(CLI::NonNegativeNumber);
-  cmd->add_option("--grad-clip", o->train.grad_clip, "Max global gradient norm (0: off)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--weight-decay", o->train.weight_decay, "AdamW weight decay (matrices only)")->check(finite_in(0.0));
+  cmd->add_option("--grad-clip", o->train.grad_clip, "Max global gradient norm (0: off)")->check(finite_in(0.0));
   cmd->add_option("--eval-every", o->train.eval_every, "Validation every N steps")->check(CLI::NonNegativeNumber);
   cmd->add_option("--checkpoint-every", o->train.checkpoint_every, "Checkpoint every N steps")->check(CLI::NonNegativeNumber);
   cmd->add_option("--checkpoint", o->train.checkpoint_path, "Checkpoint file (default: OUT.ckpt)");
-  cmd->add_flag("--resume", o->train.resume, "Continue from the checkpoint");
+  auto* resume = cmd->add_flag("--resume", o->train.resume, "Continue from the checkpoint");
+  cmd->add_flag("--overwrite", o->train.overwrite, "Start again although a checkpoint of an earlier run exists")
+      ->excludes(resume);
   cmd->add_option("--metrics", o->train.metrics_path, "JSONL metrics file (default: OUT.metrics.jsonl)");
   cmd->add_option("--seed", o->train.seed, "Data order seed");
   cmd->add_flag("--gradient-checkpointing", o->train.checkpoint_layers, "Recompute decoder layers in backward");
@@ -90,7 +97,7 @@ void register_compress(CLI::App& app) {
     if (*nproc > 1 && !Dist::env_requests_group()) std::exit(launch_local(*nproc, command_line()));
     std::shared_ptr<Dist> dist;
     if (Dist::env_requests_group()) {
-      dist = Dist::from_env();
+      dist = Dist::from_env(std::chrono::seconds(*dist_timeout));
       set_default_dist(dist);
       o->train.dist = dist;
     }
@@ -111,18 +118,23 @@ void register_compress(CLI::App& app) {
     if (*dense_dtype != "keep") o->dense_dtype = parse_dtype(*dense_dtype);
     if (o->train.checkpoint_path.empty()) o->train.checkpoint_path = o->out + ".ckpt";
     if (o->train.metrics_path.empty()) o->train.metrics_path = o->out + ".metrics.jsonl";
+    std::vector<InputPath> inputs = model_inputs(*args);
+    inputs.push_back({"-d", o->data_path});
+    inputs.push_back({"--config", *config});
+    check_outputs_distinct({o->out, o->train.checkpoint_path, o->train.metrics_path}, inputs);
     if (o->train.resume && !std::filesystem::exists(o->train.checkpoint_path))
       throw_input("{}: no checkpoint to resume from", o->train.checkpoint_path);
     ModelArgs a = *args;
     if (a.dtype == "auto") a.dtype = "fp32";  // fp32 master weights; DKM rounds to --cluster-dtype
     LoadedModel m = load_for_inference(a, /*require_tokenizer=*/true, /*verbose=*/main_learner);
-    std::signal(SIGINT, on_sigint);
-    o->train.should_stop = [] { return g_interrupted.load(); };
+    std::signal(SIGINT, on_stop_signal);
+    std::signal(SIGTERM, on_stop_signal);
+    o->train.should_stop = [] { return g_signal.load() != 0; };
     CompressReport r = compress(m, *o);
     if (r.train.interrupted) {
       std::cerr << fmt::format("edkm: interrupted after step {}; checkpoint written to {}; continue with --resume\n",
                                r.train.start_step + r.train.steps_done, o->train.checkpoint_path);
-      std::exit(130);
+      std::exit(128 + (g_signal.load() ? g_signal.load() : SIGINT));
     }
     if (!main_learner) return;
     if (*json) print_json(r.to_json());

@@ -19,6 +19,10 @@ void register_convert(CLI::App& app) {
   cmd->add_option("-o,--out", *out, "Output directory (hf) or .bin file (llama2c)")->required();
   cmd->add_option("--format", *format, "hf or llama2c (v1, fp32)")->check(CLI::IsMember({"hf", "llama2c"}));
   add_runner(cmd, [args, out, format] {
+    if (*format == "hf")
+      check_outputs_distinct({*out + "/config.json", *out + "/model.safetensors"}, model_inputs(*args));
+    else
+      check_outputs_distinct({*out}, model_inputs(*args));
     LoadedModel m = load_model(args->model, args->tokenizer, /*require_tokenizer=*/false);
     if (*format == "hf") {
       const at::ScalarType dtype = args->dtype == "auto" ? m.model.dtype() : parse_dtype(args->dtype);

@@ -53,6 +53,7 @@ void register_eval(CLI::App& app) {
     auto heldout = std::make_shared<double>(0.0);
     auto assets = std::make_shared<std::string>(std::string(EDKM_DEFAULT_ASSETS));
     auto out = std::make_shared<std::string>();
+    auto log_samples = std::make_shared<std::string>();
     auto label = std::make_shared<std::string>();
     auto method = std::make_shared<std::string>();
     auto json = std::make_shared<bool>(false);
@@ -69,20 +70,36 @@ void register_eval(CLI::App& app) {
     cmd->add_option("--ppl-stride", ppl->stride, "Perplexity stride (0: half the window)")->check(CLI::NonNegativeNumber);
     cmd->add_option("--heldout", *heldout,
                     "Score only the tail of each perplexity text that `compress --val-fraction F` holds out")
-        ->check(CLI::Range(0.0, 0.9));
+        ->check(finite_in(0.0, 0.9));
     cmd->add_option("--assets", *assets, "Directory holding eval/ (the shared assets)");
     cmd->add_option("-o,--out", *out, "Results JSON file");
+    cmd->add_option("--log-samples", *log_samples,
+                    "JSONL file: every item's requests, log-likelihoods and predictions (lm-eval's --log_samples)");
     cmd->add_option("--label", *label, "Name of this model in reports (default: the file name)");
     cmd->add_option("--method", *method, "Override the method recorded for this model (fp32, rtn, kmeans, dkm)");
     cmd->add_flag("--json", *json, "Print the results as JSON");
     cmd->add_flag("-q,--quiet", *quiet, "No progress bar");
     add_runner(cmd, [=] {
-      if (!out->empty()) check_writable(*out);
+      std::vector<std::string> outputs;
+      for (const auto* f : {out.get(), log_samples.get()})
+        if (!f->empty()) {
+          check_writable(*f);
+          outputs.push_back(*f);
+        }
+      check_outputs_distinct(outputs, model_inputs(*args));
       LoadedModel m = load_for_inference(*args);
       // Load every task first: a bad file fails before any scoring.
       std::vector<Task> mc;
       std::vector<std::pair<std::string, std::string>> texts;
       int64_t total = 0;
+      for (const auto& t : *tasks) {
+        const auto& mc_names = task_names();
+        if (t != "tinystories" && t != "wikitext2" && std::find(mc_names.begin(), mc_names.end(), t) == mc_names.end()) {
+          std::string known;
+          for (const auto& n : mc_names) known += n + ", ";
+          throw_invalid("unknown task '{}' (known: {}tinystories, wikitext2)", t, known);
+        }
+      }
       for (const auto& t : *tasks) {
         if (t == "tinystories" || t == "wikitext2") {
           const std::string p = *assets + (t == "tinystories" ? "/eval/tinystories/val_a.txt" : "/eval/wikitext2/wiki.test.raw");
@@ -107,10 +124,11 @@ void register_eval(CLI::App& app) {
       if (!method->empty()) res["method"] = *method;
       Progress bar("eval", total, *quiet);
       int64_t done = 0;
+      std::vector<nlohmann::json> samples;
       for (const Task& t : mc) {
         TaskResult r = evaluate_task(m.model, *m.tokenizer, t, *opts, [&](int64_t d, int64_t) {
           bar.update(done + d, t.name);
-        });
+        }, log_samples->empty() ? nullptr : &samples);
         int64_t n = 0;
         for (int64_t i = 0; i < r.n; ++i) n += static_cast<int64_t>(t.items[i].choices.size());
         done += n;
@@ -130,6 +148,11 @@ void register_eval(CLI::App& app) {
         res["perplexity"][name] = r.to_json();
       }
       if (!out->empty()) write_file_atomic(*out, res.dump(2) + "\n");
+      if (!log_samples->empty()) {
+        std::string lines;
+        for (const auto& s : samples) lines += s.dump() + "\n";
+        write_file_atomic(*log_samples, lines);
+      }
       if (*json) {
         print_json(res);
         return;
@@ -167,10 +190,16 @@ void register_eval(CLI::App& app) {
         }
         if (!results.back().contains("tasks")) throw_input("{}: not an edkm eval result (no \"tasks\")", f);
       }
+      check_outputs_distinct({*out + "/report.md", *out + "/report.png"}, [&] {
+        std::vector<InputPath> in;
+        for (const auto& f : *files) in.push_back({"RESULTS", f});
+        return in;
+      }());
       std::filesystem::create_directories(*out);
       const std::string md = report_markdown(results);
-      write_file_atomic(*out + "/report.md", md);
+      // The plot first: when it cannot be made, nothing is written.
       report_plot(results, *out + "/report.png");
+      write_file_atomic(*out + "/report.md", md);
       std::cout << md << "\nwrote " << *out << "/report.md and " << *out << "/report.png\n";
     });
   }

@@ -78,6 +78,7 @@ void register_export(CLI::App& app) {
     cmd->add_option("-o,--out", *out, "Output directory")->required();
     cmd->add_option("--dtype", *dtype, "bf16, fp16 or fp32")->check(CLI::IsMember({"bf16", "fp16", "fp32"}));
     add_runner(cmd, [file, out, dtype] {
+      check_outputs_distinct({*out + "/config.json", *out + "/model.safetensors"}, {{"FILE", *file}});
       CompressedModel m = read_compressed(*file);
       const at::ScalarType t = parse_dtype(*dtype);
       save_hf_dir(m.to_llama(t), *out, t, m.tokenizer().get());

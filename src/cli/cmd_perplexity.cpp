@@ -25,7 +25,7 @@ void register_perplexity(CLI::App& app) {
   cmd->add_option("--stride", opts->stride, "Window step (default: the context, i.e. disjoint windows)")->check(CLI::NonNegativeNumber);
   cmd->add_option("--batch", opts->batch, "Windows per forward pass")->check(CLI::PositiveNumber);
   cmd->add_option("--heldout", *heldout, "Score only the tail of the text that `compress --val-fraction F` holds out")
-      ->check(CLI::Range(0.0, 0.9));
+      ->check(finite_in(0.0, 0.9));
   cmd->add_flag("--json", *json, "Print the results as JSON");
   cmd->add_flag("-q,--quiet", *quiet, "No progress bar");
   add_runner(cmd, [args, opts, text, heldout, json, quiet] {

@@ -38,6 +38,9 @@ void register_quantize(CLI::App& app) {
   cmd->add_flag("--symmetric", *symmetric, "RTN: symmetric grid");
   add_runner(cmd, [=] {
     check_writable(*out);
+    std::vector<InputPath> inputs = model_inputs(*args);
+    inputs.push_back({"--config", *config});
+    check_outputs_distinct({*out}, inputs);
     if (!config->empty()) plan->apply_json(nlohmann::json::parse(read_file(*config)), *config);
     ModelArgs a = *args;
     if (a.dtype == "auto") a.dtype = "fp32";

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <iostream>
 
 #include "common/error.h"
@@ -57,6 +58,32 @@ LoadedModel load_for_inference(const ModelArgs& a, bool require_tokenizer, bool 
                            c10::toString(dtype), device.str(), at::get_num_threads());
   return m;
 }
+
+CLI::Validator finite_in(double lo, double hi) {
+  return CLI::Validator(
+      [lo, hi](std::string& s) -> std::string {
+        double v = 0;
+        if (!CLI::detail::lexical_cast(s, v)) return fmt::format("'{}' is not a number", s);
+        if (!std::isfinite(v)) return fmt::format("{} is not a finite number", s);
+        if (v < lo || v > hi)
+          return std::isinf(hi) ? fmt::format("{} is less than {}", s, lo) : fmt::format("{} is outside [{}, {}]", s, lo, hi);
+        return {};
+      },
+      std::isinf(hi) ? fmt::format("NUMBER >= {}", lo) : fmt::format("NUMBER in [{}, {}]", lo, hi));
+}
+
+CLI::Validator positive_finite() {
+  return CLI::Validator(
+      [](std::string& s) -> std::string {
+        double v = 0;
+        if (!CLI::detail::lexical_cast(s, v)) return fmt::format("'{}' is not a number", s);
+        if (!std::isfinite(v) || v <= 0) return fmt::format("{} is not a positive finite number", s);
+        return {};
+      },
+      "POSITIVE");
+}
+
+std::vector<InputPath> model_inputs(const ModelArgs& a) { return {{"-m", a.model}, {"--tokenizer", a.tokenizer}}; }
 
 void print_json(const nlohmann::json& j) { std::cout << j.dump(2) << "\n"; }
 

@@ -4,8 +4,11 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json_fwd.hpp>
 
+#include <cmath>
 #include <string>
+#include <vector>
 
+#include "common/atomic_file.h"
 #include "model/load.h"
 
 namespace edkm::cli {
@@ -27,6 +30,16 @@ LoadedModel load_for_inference(const ModelArgs& args, bool require_tokenizer = t
 
 at::ScalarType parse_dtype(const std::string& s);
 at::Device parse_device(const std::string& s);
+
+// A finite number in [lo, hi] (hi = infinity: no upper bound). Unlike CLI::Range it refuses NaN,
+// which fails every comparison, and says "not a finite number" for Inf instead of printing the
+// range of a double in 309 digits.
+CLI::Validator finite_in(double lo, double hi = HUGE_VAL);
+// A finite number > 0.
+CLI::Validator positive_finite();
+
+// The inputs that ModelArgs names, for check_outputs_distinct.
+std::vector<InputPath> model_inputs(const ModelArgs& args);
 
 // Prints JSON to stdout (indented), for --json.
 void print_json(const nlohmann::json& j);

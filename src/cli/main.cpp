@@ -9,9 +9,25 @@
 #include <iostream>
 
 #include "cli/commands.h"
+#include "common/checksum.h"
 #include "common/error.h"
 #include "common/threads.h"
 #include "dist/dist.h"
+
+namespace {
+
+// "compress " for `edkm compress ...`: the subcommand whose --help to point at ("" for none).
+std::string command_path(const CLI::App& app) {
+  std::string path;
+  for (const CLI::App* node = &app;;) {
+    auto subs = node->get_subcommands();
+    if (subs.empty()) return path;
+    node = subs.front();
+    path += node->get_name() + " ";
+  }
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   // glibc serves large blocks with mmap and returns them on free, so every training step and
@@ -25,13 +41,23 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.fallthrough();
   int threads = 0;
+  bool no_verify = false;
   app.add_option("-t,--threads", threads, "Intra-op threads (default: every core)");
+  app.add_flag("--no-verify", no_verify, "Do not verify the checksums of files read (faster for very large files)");
   edkm::cli::register_commands(app);
   edkm::cli::set_command_line(argc, argv);
   try {
     app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
+  } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    // Every error exits 1 with the same prefix, whether the command line or the work failed.
+    std::cerr << "edkm: error: " << e.what() << " (see 'edkm " << command_path(app) << "--help')\n";
+    return 1;
   }
   try {
     // Data-parallel learners on one machine share its cores.
@@ -40,6 +66,7 @@ int main(int argc, char** argv) {
       threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, world));
     }
     edkm::configure_threads(threads);
+    edkm::set_verify_checksums(!no_verify);
     edkm::cli::run_selected(app);
   } catch (const std::exception& e) {
     std::cerr << "edkm: error: " << e.what() << "\n";

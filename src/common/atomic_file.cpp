@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -55,6 +56,19 @@ void AtomicFile::commit() {
   committed_ = true;
 }
 
+void remove_stale_temporaries(const std::string& path) {
+  namespace fs = std::filesystem;
+  const fs::path p(path);
+  const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
+  const std::string prefix = p.filename().string() + ".tmp.";
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.size() == prefix.size() + 6 && name.compare(0, prefix.size(), prefix) == 0 && e.is_regular_file(ec))
+      fs::remove(e.path(), ec);
+  }
+}
+
 void write_file_atomic(const std::string& path, std::string_view contents) {
   AtomicFile f(path);
   f.write(contents);
@@ -68,6 +82,37 @@ std::string read_file(const std::string& path) {
   ss << in.rdbuf();
   if (in.bad()) throw_input("{}: read failed", path);
   return ss.str();
+}
+
+namespace {
+
+// Whether `out` names the same file as `in`, or (for an input directory) one of its files.
+bool clobbers(const std::filesystem::path& out, const std::filesystem::path& in) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::exists(out, ec) || !fs::exists(in, ec)) return false;
+  if (fs::equivalent(out, in, ec)) return true;
+  if (!fs::is_directory(in, ec)) return false;
+  for (const auto& e : fs::directory_iterator(in, ec))
+    if (e.is_regular_file(ec) && fs::equivalent(out, e.path(), ec)) return true;
+  return false;
+}
+
+}  // namespace
+
+void check_outputs_distinct(const std::vector<std::string>& outputs, const std::vector<InputPath>& inputs) {
+  namespace fs = std::filesystem;
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    for (const auto& in : inputs)
+      if (!in.path.empty() && clobbers(outputs[i], in.path))
+        throw_input("{}: is the input given with {} ({}); refusing to overwrite it, choose another output path",
+                    outputs[i], in.option, in.path);
+    std::error_code ec;
+    const fs::path a = fs::weakly_canonical(fs::absolute(outputs[i]), ec);
+    for (size_t j = 0; j < i; ++j)
+      if (a == fs::weakly_canonical(fs::absolute(outputs[j]), ec) || clobbers(outputs[i], outputs[j]))
+        throw_input("{}: the same path is given for two outputs ({} and {})", outputs[i], outputs[j], outputs[i]);
+  }
 }
 
 }  // namespace edkm

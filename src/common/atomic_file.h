@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace edkm {
 
@@ -32,10 +33,28 @@ class AtomicFile {
   bool committed_ = false;
 };
 
+// Removes the temporaries (`path`.tmp.XXXXXX) that an AtomicFile for `path` leaves when its
+// process is killed (SIGKILL, power loss) before commit(). Call it before writing `path` again;
+// a concurrent writer of the same path would lose its temporary.
+void remove_stale_temporaries(const std::string& path);
+
 // Writes a whole file atomically.
 void write_file_atomic(const std::string& path, std::string_view contents);
 
 // Reads a whole file; InputError naming the path if it cannot.
 std::string read_file(const std::string& path);
+
+// A file or directory a command reads, with the option that named it (for messages).
+struct InputPath {
+  std::string option;  // "-m", "--data", ...
+  std::string path;
+};
+
+// Refuses (InputError) to let a command overwrite what it reads: each output must not be one
+// of the inputs, compared as files (std::filesystem::equivalent: through symbolic and hard
+// links, "./", ".." and other spellings), nor a file directly inside an input directory (a
+// Hugging Face model directory), nor another of the outputs. Outputs that do not exist yet
+// cannot be inputs; they are compared with each other by their normalised absolute paths.
+void check_outputs_distinct(const std::vector<std::string>& outputs, const std::vector<InputPath>& inputs);
 
 }  // namespace edkm

@@ -11,10 +11,12 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <unistd.h>
 
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <mutex>
+#include <thread>
 
 #include "common/error.h"
 
@@ -56,10 +58,36 @@ std::shared_ptr<Dist> Dist::from_env(std::chrono::seconds timeout) {
   so.waitWorkers = true;
   so.timeout = timeout;
   c10::intrusive_ptr<c10d::Store> store;
-  try {
-    store = c10::make_intrusive<c10d::TCPStore>(addr, so);
-  } catch (const std::exception& e) {
-    throw_input("learner {}: rendezvous at {}:{} failed: {}", d->rank_, addr, port, e.what());
+  {
+    // The rendezvous blocks until every learner has joined: say so, and every 10 s how long it
+    // has waited, so that a missing peer is not mistaken for a hang.
+    std::cerr << fmt::format("edkm: learner {} of {}: waiting for {} learners at {}:{} (gives up after {} s; "
+                             "--dist-timeout)\n", d->rank_, d->world_, d->world_, addr, port, timeout.count());
+    std::mutex mu;
+    std::condition_variable cv;
+    bool joined = false;
+    std::thread reporter([&] {
+      std::unique_lock<std::mutex> lock(mu);
+      for (int waited = 10; !cv.wait_for(lock, std::chrono::seconds(10), [&] { return joined; }); waited += 10)
+        std::cerr << fmt::format("edkm: learner {}: still waiting for the other learners at {}:{} ({} s)\n", d->rank_,
+                                 addr, port, waited);
+    });
+    auto stop_reporter = [&] {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        joined = true;
+      }
+      cv.notify_all();
+      reporter.join();
+    };
+    try {
+      store = c10::make_intrusive<c10d::TCPStore>(addr, so);
+    } catch (const std::exception& e) {
+      stop_reporter();
+      throw_input("learner {}: rendezvous of {} learners at {}:{} failed after up to {} s: {}", d->rank_, d->world_,
+                  addr, port, timeout.count(), e.what());
+    }
+    stop_reporter();
   }
   auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
   opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());

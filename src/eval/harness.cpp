@@ -17,7 +17,7 @@ namespace edkm {
 std::pair<std::vector<int>, std::vector<int>> encode_pair(const Tokenizer& tok, const std::string& context,
                                                           const std::string& continuation) {
   std::string ctx = context, cont = continuation;
-  size_t end = ctx.find_last_not_of(' ');
+  size_t end = ctx.find_last_not_of(" \t\n\r\v\f");  // Python's str.rstrip() (ASCII whitespace)
   const size_t spaces = end == std::string::npos ? ctx.size() : ctx.size() - end - 1;
   if (spaces > 0) {
     cont = ctx.substr(ctx.size() - spaces) + cont;
@@ -29,8 +29,8 @@ std::pair<std::vector<int>, std::vector<int>> encode_pair(const Tokenizer& tok, 
   return {std::vector<int>(whole.begin(), whole.begin() + n), std::vector<int>(whole.begin() + n, whole.end())};
 }
 
-std::vector<double> loglikelihoods(const Llama& model, const Tokenizer& tok, const std::vector<Choice>& requests,
-                                   const EvalOptions& opts, const std::function<void(int64_t, int64_t)>& progress) {
+std::vector<Response> loglikelihoods(const Llama& model, const Tokenizer& tok, const std::vector<Choice>& requests,
+                                     const EvalOptions& opts, const std::function<void(int64_t, int64_t)>& progress) {
   const int64_t max_len = opts.max_len > 0 ? std::min(opts.max_len, model.config().max_seq_len) : model.config().max_seq_len;
   struct Req {
     std::vector<int> input;  // model input (context + continuation minus the last token, truncated)
@@ -54,7 +54,7 @@ std::vector<double> loglikelihoods(const Llama& model, const Tokenizer& tok, con
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return reqs[a].input.size() > reqs[b].input.size(); });
 
-  std::vector<double> out(reqs.size());
+  std::vector<Response> out(reqs.size());
   at::NoGradGuard no_grad;
   const int pad = static_cast<int>(model.config().eos_id);
   for (size_t b0 = 0; b0 < order.size(); b0 += opts.batch) {
@@ -71,7 +71,12 @@ std::vector<double> loglikelihoods(const Llama& model, const Tokenizer& tok, con
       const int64_t len = static_cast<int64_t>(q.input.size());
       at::Tensor lp = at::log_softmax(logits[i - b0].narrow(0, len - q.cont, q.cont).to(at::kDouble), -1);
       at::Tensor tgt = at::tensor(std::vector<int64_t>(q.targets.begin(), q.targets.end()), at::kLong);
-      out[order[i]] = lp.gather(1, tgt.unsqueeze(1)).sum().item<double>();
+      Response& r = out[order[i]];
+      r.loglikelihood = lp.gather(1, tgt.unsqueeze(1)).sum().item<double>();
+      r.is_greedy = lp.argmax(-1).equal(tgt);
+      if (!std::isfinite(r.loglikelihood))
+        throw_input("the model's log-likelihood of request {} (context \"{}\") is not finite: its activations overflow",
+                    order[i], requests[order[i]].context.substr(0, 60));
     }
     if (progress) progress(static_cast<int64_t>(b1), static_cast<int64_t>(order.size()));
   }
@@ -79,6 +84,18 @@ std::vector<double> loglikelihoods(const Llama& model, const Tokenizer& tok, con
 }
 
 namespace {
+
+// The choice with the highest log-likelihood, and with the highest per character of the choice
+// text; the first wins ties (numpy's argmax). ll[first ..] are the item's choices.
+std::pair<int, int> predictions(const MCItem& it, const std::vector<double>& ll, size_t first) {
+  int best = 0, best_norm = 0;
+  auto normalised = [&](size_t c) { return ll[first + c] / static_cast<double>(choice_length(it.choices[c])); };
+  for (size_t c = 1; c < it.choices.size(); ++c) {
+    if (ll[first + c] > ll[first + best]) best = static_cast<int>(c);
+    if (normalised(c) > normalised(best_norm)) best_norm = static_cast<int>(c);
+  }
+  return {best, best_norm};
+}
 
 // Mean and its standard error (sample standard deviation / sqrt(n)), as the harness reports.
 std::pair<double, double> mean_stderr(const std::vector<double>& v) {
@@ -96,35 +113,68 @@ TaskResult score_task(const Task& task, const std::vector<double>& ll) {
   r.task = task.name;
   r.source = task.source;
   r.has_acc_norm = task.acc_norm;
+  size_t total = 0;
+  for (const auto& it : task.items) total += it.choices.size();
+  if (total != ll.size()) throw_invalid("score_task: {} log-likelihoods for {} choices", ll.size(), total);
   std::vector<double> acc, norm;
   size_t k = 0;
   for (const auto& it : task.items) {
     r.chance += 1.0 / static_cast<double>(it.choices.size()) / static_cast<double>(task.items.size());
-    int best = 0, best_norm = 0;
-    for (size_t c = 0; c < it.choices.size(); ++c, ++k) {
-      const double bytes = static_cast<double>(it.choices[c].continuation.size());
-      if (ll[k] > ll[k - c + best]) best = static_cast<int>(c);
-      if (ll[k] / bytes > ll[k - c + best_norm] / it.choices[best_norm].continuation.size()) best_norm = static_cast<int>(c);
-    }
+    const auto [best, best_norm] = predictions(it, ll, k);
     acc.push_back(best == it.gold);
     norm.push_back(best_norm == it.gold);
+    k += it.choices.size();
   }
-  if (k != ll.size()) throw_invalid("score_task: {} log-likelihoods for {} choices", ll.size(), k);
   r.n = static_cast<int64_t>(task.items.size());
   std::tie(r.acc, r.acc_stderr) = mean_stderr(acc);
   if (r.has_acc_norm) std::tie(r.acc_norm, r.acc_norm_stderr) = mean_stderr(norm);
   return r;
 }
 
+int64_t choice_length(const Choice& c) {
+  int64_t n = 0;
+  for (unsigned char b : c.choice) n += (b & 0xC0) != 0x80;  // count lead bytes, not continuation bytes
+  return std::max<int64_t>(1, n);
+}
+
+nlohmann::json sample_json(const Task& task, size_t item, const std::vector<Response>& responses, size_t first) {
+  const MCItem& it = task.items[item];
+  std::vector<double> ll;
+  for (size_t c = 0; c < it.choices.size(); ++c) ll.push_back(responses[first + c].loglikelihood);
+  nlohmann::json args = nlohmann::json::object(), resps = nlohmann::json::array(), filtered = nlohmann::json::array();
+  for (size_t c = 0; c < it.choices.size(); ++c) {
+    args[fmt::format("gen_args_{}", c)] = {{"arg_0", it.choices[c].context}, {"arg_1", it.choices[c].continuation}};
+    const Response& r = responses[first + c];
+    resps.push_back({{r.loglikelihood, r.is_greedy}});
+    filtered.push_back({r.loglikelihood, r.is_greedy});
+  }
+  const auto [best, best_norm] = predictions(it, ll, 0);
+  nlohmann::json j = {{"doc_id", item}, {"target", it.gold}, {"arguments", args}, {"resps", resps},
+                      {"filtered_resps", filtered}, {"filter", "none"}, {"pred", best}, {"acc", best == it.gold ? 1.0 : 0.0}};
+  if (task.acc_norm) j["pred_norm"] = best_norm, j["acc_norm"] = best_norm == it.gold ? 1.0 : 0.0;
+  return j;
+}
+
 TaskResult evaluate_task(const Llama& model, const Tokenizer& tok, const Task& task_in, const EvalOptions& opts,
-                         const std::function<void(int64_t, int64_t)>& progress) {
+                         const std::function<void(int64_t, int64_t)>& progress, std::vector<nlohmann::json>* samples) {
   Task task = task_in;
   if (opts.limit > 0 && static_cast<int64_t>(task.items.size()) > opts.limit) task.items.resize(opts.limit);
   std::vector<Choice> reqs;
   for (const auto& it : task.items) reqs.insert(reqs.end(), it.choices.begin(), it.choices.end());
   auto t0 = std::chrono::steady_clock::now();
-  TaskResult r = score_task(task, loglikelihoods(model, tok, reqs, opts, progress));
+  const std::vector<Response> responses = loglikelihoods(model, tok, reqs, opts, progress);
+  std::vector<double> ll;
+  for (const auto& r : responses) ll.push_back(r.loglikelihood);
+  TaskResult r = score_task(task, ll);
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (samples) {
+    size_t first = 0;
+    for (size_t i = 0; i < task.items.size(); ++i) {
+      samples->push_back(sample_json(task, i, responses, first));
+      samples->back()["task"] = task.name;
+      first += task.items[i].choices.size();
+    }
+  }
   return r;
 }
 

@@ -24,7 +24,9 @@ PerplexityResult perplexity(const Llama& model, const std::vector<int>& tokens, 
   if (n < 2) throw_invalid("need at least 2 tokens to score, got {}", n);
 
   // Window [begin, end) scores the tokens in [max(prev_end, begin + 1), end): the first token
-  // of a window has no history in it (with disjoint windows, as in HF, it is not scored).
+  // of a window has no history in it (with disjoint windows, as in HF, it is not scored). So a
+  // last window of one token (n = k * context + 1 with disjoint windows) scores nothing and is
+  // left out.
   struct Window {
     int64_t begin, end, first_scored;
   };
@@ -32,7 +34,7 @@ PerplexityResult perplexity(const Llama& model, const std::vector<int>& tokens, 
   int64_t prev_end = 1;  // token 0 is never a target
   for (int64_t begin = 0;; begin += r.stride) {
     const int64_t end = std::min(begin + r.context, n);
-    if (end > prev_end) windows.push_back({begin, end, prev_end});
+    if (end > prev_end && end - begin >= 2) windows.push_back({begin, end, prev_end});
     prev_end = end;
     if (end == n) break;
   }
@@ -57,8 +59,12 @@ PerplexityResult perplexity(const Llama& model, const std::vector<int>& tokens, 
     }
     at::Tensor logits = model.forward(at::stack(inputs).to(model.device()));
     at::Tensor y = at::stack(targets).to(model.device());
-    r.nll += at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat), y.reshape({-1}), {},
-                                    at::Reduction::Sum, -100).item<double>();
+    const double nll = at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat), y.reshape({-1}), {},
+                                              at::Reduction::Sum, -100).item<double>();
+    if (!std::isfinite(nll))
+      throw_input("the model's log-likelihood of window {} (tokens {}..{}) is not finite: its activations overflow", w,
+                  windows[w - 1].begin, windows[w - 1].end - 1);
+    r.nll += nll;
     r.tokens += (y != -100).sum().item<int64_t>();
     if (progress) progress(static_cast<int64_t>(w), r.windows, r.nats_per_token());
   }

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -122,13 +123,20 @@ void report_plot(const std::vector<nlohmann::json>& results, const std::string& 
   // One data block per method: bits/weight, perplexity, mean accuracy and its standard error,
   // sorted by bits.
   std::map<std::string, std::vector<std::tuple<double, double, double, double>>> by_method;
+  // A panel is drawn only for what some result reports; a missing value is NaN, which gnuplot skips.
   std::string ppl_name;
+  bool any_tasks = false;
   for (const auto& r : results) {
     auto [name, ppl] = headline_perplexity(r);
     if (!name.empty()) ppl_name = name;
+    const bool tasks = r.contains("tasks") && !r["tasks"].empty();
+    any_tasks |= tasks;
     const auto [acc, se] = mean_accuracy(r);
-    by_method[r.value("method", std::string("?"))].emplace_back(r.value("bits_per_weight", 0.0), ppl, 100 * acc, 100 * se);
+    by_method[r.value("method", std::string("?"))].emplace_back(
+        r.value("bits_per_weight", 0.0), name.empty() ? NAN : ppl, tasks ? 100 * acc : NAN, tasks ? 100 * se : NAN);
   }
+  if (ppl_name.empty() && !any_tasks)
+    throw_input("{}: nothing to plot: the results hold neither task accuracies nor perplexities", png_path);
   const auto chance = chance_levels(results);
   const fs::path dir = fs::temp_directory_path() / fmt::format("edkm-report-{}", ::getpid());
   fs::create_directories(dir);
@@ -151,15 +159,16 @@ void report_plot(const std::vector<nlohmann::json>& results, const std::string& 
     plot2 += fmt::format(", {} with lines dt 2 lw 2 lc 'gray40' title 'chance (uniform guess)'",
                          100 * mean_chance(results.front(), chance));
   const std::string tmp_png = png_path + ".tmp.png";
-  const std::string script = fmt::format(
-      "set terminal pngcairo size 1200,500 font ',11'\n"
+  const int panels = (ppl_name.empty() ? 0 : 1) + (any_tasks ? 1 : 0);
+  std::string script = fmt::format(
+      "set terminal pngcairo size {},500 font ',11'\n"
       "set output '{}'\n"
-      "set multiplot layout 1,2 title 'edkm: quality against bits per weight'\n"
-      "set grid\nset key top right\nset logscale x 2\nset xrange [{}:{}]\nset xlabel 'bits per weight (clustered tensors)'\n"
-      "set ylabel '{} perplexity'\nset logscale y\nplot {}\n"
-      "unset logscale y\nset ylabel 'mean zero-shot accuracy (%)'\nset key bottom right\nplot {}\n"
-      "unset multiplot\n",
-      tmp_png, lo / 1.15, hi * 1.15, ppl_name.empty() ? "" : ppl_name, plot1, plot2);
+      "set multiplot layout 1,{} title 'edkm: quality against bits per weight'\n"
+      "set grid\nset key top right\nset logscale x 2\nset xrange [{}:{}]\nset xlabel 'bits per weight (clustered tensors)'\n",
+      600 * panels, tmp_png, panels, lo / 1.15, hi * 1.15);
+  if (!ppl_name.empty()) script += fmt::format("set ylabel '{} perplexity'\nset logscale y\nplot {}\nunset logscale y\n", ppl_name, plot1);
+  if (any_tasks) script += fmt::format("set ylabel 'mean zero-shot accuracy (%)'\nset key bottom right\nplot {}\n", plot2);
+  script += "unset multiplot\n";
   const std::string script_file = (dir / "plot.gp").string();
   write_file_atomic(script_file, script);
   const int rc = std::system(fmt::format("gnuplot '{}' 2> '{}'", script_file, (dir / "err.txt").string()).c_str());
@@ -167,7 +176,8 @@ void report_plot(const std::vector<nlohmann::json>& results, const std::string& 
   fs::remove_all(dir);
   if (rc != 0 || !fs::exists(tmp_png)) {
     fs::remove(tmp_png);
-    throw_input("{}: gnuplot failed (install gnuplot-nox){}", png_path, err.empty() ? "" : ": " + err);
+    if (WIFEXITED(rc) && WEXITSTATUS(rc) == 127) throw_input("{}: gnuplot not found; install gnuplot-nox", png_path);
+    throw_input("{}: gnuplot failed{}", png_path, err.empty() ? "" : ": " + err);
   }
   fs::rename(tmp_png, png_path);
 }

@@ -69,7 +69,7 @@ std::string read_maybe_bz2(const std::string& path) {
 
 MCItem with_shared_context(const std::string& context, const std::vector<std::string>& choices, int gold) {
   MCItem it;
-  for (const auto& c : choices) it.choices.push_back({context, " " + c});
+  for (const auto& c : choices) it.choices.push_back({context, " " + c, c});
   it.gold = gold;
   return it;
 }
@@ -110,7 +110,7 @@ Task read_winogrande(const std::string& jsonl) {
     rest.erase(0, rest.find_first_not_of(" "));
     rest = rstrip(rest);
     MCItem it;
-    for (const char* opt : {"option1", "option2"}) it.choices.push_back({s.substr(0, blank) + str(j, opt), " " + rest});
+    for (const char* opt : {"option1", "option2"}) it.choices.push_back({s.substr(0, blank) + str(j, opt), " " + rest, str(j, opt)});
     it.gold = answer == "2";
     t.items.push_back(std::move(it));
   });
@@ -190,8 +190,10 @@ Task read_copa(const std::string& jsonl) {
     };
     const int label = j.at("label").get<int>();
     if (label != 0 && label != 1) throw_input("{}:{}: label {} is not 0 or 1", jsonl, n, label);
+    // The harness's doc_to_choice already starts each choice with a space, and the target
+    // delimiter adds another: the continuation is "  " + the choice, as in published COPA scores.
     t.items.push_back(with_shared_context(premise + (q == "cause" ? " because" : " therefore"),
-                                          {lower_first(str(j, "choice1")), lower_first(str(j, "choice2"))}, label));
+                                          {" " + lower_first(str(j, "choice1")), " " + lower_first(str(j, "choice2"))}, label));
   });
   return t;
 }

@@ -6,7 +6,8 @@
 //   arc_easy/      "Question: {question}\nAnswer:" + " {choice}"                   acc, acc_norm
 //   arc_challenge
 //   boolq          "{passage}\nQuestion: {question}?\nAnswer:" + " no" / " yes"    acc
-//   copa           "{premise without final period} because|therefore" + " {choice, first letter lowercased}"   acc
+//   copa           "{premise without final period} because|therefore" + "  {choice, first letter lowercased}"  acc
+//                  (two spaces: the harness's target delimiter and its doc_to_choice's own)
 //   hellaswag      "{activity}: {ctx}" + " {ending}"  (the harness's text cleaning)  acc, acc_norm
 //   winogrande     partial evaluation: context = the sentence up to the blank with the option
 //                  filled in, continuation = " " + the rest of the sentence (shared)    acc
@@ -20,7 +21,9 @@ namespace edkm {
 
 struct Choice {
   std::string context;
-  std::string continuation;
+  std::string continuation;  // scored given the context; the target delimiter " " + the choice
+  std::string choice;        // the choice as the harness's doc_to_choice gives it: acc_norm
+                             // divides by its length in characters (not the continuation's)
 };
 
 struct MCItem {

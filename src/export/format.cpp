@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "common/error.h"
+#include "common/finite.h"
 #include "model/io/safetensors.h"
 
 namespace edkm {
@@ -174,7 +175,10 @@ CompressedModel read_compressed(const std::string& path) {
   CompressedModel m;
   m.config = layout.config;
   m.metadata = layout.metadata;
-  for (const auto& name : layout.dense) m.dense[name] = f.tensor(name);
+  for (const auto& name : layout.dense) {
+    m.dense[name] = f.tensor(name);
+    check_finite(m.dense[name], fmt::format("{}: tensor '{}'", path, name));
+  }
   for (const auto& [name, l] : layout.packed) {
     PackedWeight w;
     w.shape = l.shape;
@@ -188,7 +192,8 @@ CompressedModel read_compressed(const std::string& path) {
     const int tail = static_cast<int>(w.count() * w.bits % 8);
     if (tail && (w.indices[-1].item<uint8_t>() >> tail) != 0)
       throw_input("{}: '{}': nonzero padding bits after the last index", path, name);
-    if (!at::isfinite(w.palette).all().item<bool>()) throw_input("{}: '{}': palette holds NaN or Inf", path, name);
+    check_finite(w.palette, fmt::format("{}: palette of '{}'", path, name));
+    if (w.scale.defined()) check_finite(w.scale, fmt::format("{}: scales of '{}'", path, name));
     if (w.scale.defined() && !(w.scale > 0).all().item<bool>()) throw_input("{}: '{}': scales must be positive", path, name);
     m.packed[name] = std::move(w);
   }

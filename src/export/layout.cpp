@@ -32,7 +32,9 @@ CompressedLayout parse_layout(const safetensors::Header& header, const std::stri
   }
   if (!clustered.is_object()) throw_input("{}: 'clustered' metadata is not an object", path);
   for (const auto& [k, v] : meta)
-    if (k != "format" && k != "format_version" && k != "config" && k != "clustered" && k != "tokenizer") m.metadata[k] = v;
+    if (k != "format" && k != "format_version" && k != "config" && k != "clustered" && k != "tokenizer" &&
+        k != safetensors::kChecksumKey)
+      m.metadata[k] = v;
 
   std::map<std::string, const safetensors::TensorInfo*> infos;
   for (const auto& t : header.tensors) infos[t.name] = &t;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <numeric>
 
 #include "common/error.h"
@@ -11,7 +12,9 @@
 namespace edkm {
 
 Sampler::Sampler(SamplerConfig cfg) : cfg_(cfg), state_(cfg.seed) {
-  if (cfg.temperature < 0) throw_invalid("temperature must be >= 0, got {}", cfg.temperature);
+  if (!(cfg.temperature >= 0) || !std::isfinite(cfg.temperature))
+    throw_invalid("temperature must be a finite number >= 0, got {}", cfg.temperature);
+  if (!std::isfinite(cfg.top_p)) throw_invalid("top-p must be a finite number, got {}", cfg.top_p);
 }
 
 float Sampler::uniform() {
@@ -26,6 +29,9 @@ int Sampler::sample(const at::Tensor& logits) {
   at::Tensor l = logits.detach().to(at::kCPU, at::kFloat).contiguous();
   const float* x = l.data_ptr<float>();
   const int n = static_cast<int>(l.numel());
+  // NaN would make every comparison below false and the nucleus empty.
+  if (!std::all_of(x, x + n, [](float v) { return std::isfinite(v); }))
+    throw_input("the model produced NaN or Inf logits: its weights or activations are not finite");
   if (cfg_.temperature == 0.0f) return static_cast<int>(std::max_element(x, x + n) - x);
   // softmax(logits / T) in fp32, as llama2.c computes it
   std::vector<float> p(x, x + n);
@@ -90,7 +96,10 @@ GenerateStats generate(const Llama& model, const Tokenizer& tok, const GenerateO
     on_piece(tok.piece(token, next));
     token = next;
     ++stats.generated;
-    if (cache.pos >= capacity) break;
+    if (cache.pos >= capacity) {
+      stats.context_full = stats.generated < opts.max_tokens;
+      break;
+    }
     logits = model.forward(at::full({1, 1}, next, at::kLong).to(model.device()), cache);
   }
   stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -42,6 +42,7 @@ struct GenerateStats {
   int prompt_tokens = 0;
   int generated = 0;
   double seconds = 0;  // from the first sampled token to the last
+  bool context_full = false;  // stopped short of max_tokens at the model's context length
   double tokens_per_second() const { return seconds > 0 ? generated / seconds : 0; }
 };
 

@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "common/error.h"
+#include "common/finite.h"
 #include "export/format.h"
 #include "export/lut_kernel.h"
 #include "model/io/hf.h"
@@ -23,6 +24,7 @@ LoadedModel load_model(const std::string& path, const std::string& tokenizer, bo
     return out;
   }
   Llama model = dir ? load_hf_dir(path) : load_llama2c(path);
+  for (const auto& [name, t] : model.weights()) check_finite(t, fmt::format("{}: tensor '{}'", path, name));
   const int vocab = static_cast<int>(model.config().vocab_size);
   std::string tok = tokenizer;
   if (tok.empty()) {

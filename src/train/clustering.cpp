@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include <cstdint>
+#include <cstdlib>
 #include <regex>
 
 #include "common/error.h"
@@ -24,21 +26,31 @@ void apply_dkm_json(DKMConfig& c, const nlohmann::json& j, const std::string& so
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& k = it.key();
     const auto& v = it.value();
+    // nlohmann's get<int>() truncates 3.7 to 3: integer settings must be written as integers.
+    auto integer = [&]() -> int64_t {
+      if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > INT32_MAX) ||
+          std::llabs(v.get<int64_t>()) > INT32_MAX)
+        throw_input("{}: setting '{}' must be an integer of at most 2^31 - 1, got {}", source, k, v.dump());
+      return v.get<int64_t>();
+    };
     try {
-      if (k == "bits") c.bits = v.get<int>();
-      else if (k == "cluster_dim") c.cluster_dim = v.get<int>();
+      if (k == "bits") c.bits = static_cast<int>(integer());
+      else if (k == "cluster_dim") c.cluster_dim = static_cast<int>(integer());
       else if (k == "tau") c.tau = v.get<double>();
-      else if (k == "max_iters") c.max_iters = v.get<int>();
+      else if (k == "max_iters") c.max_iters = static_cast<int>(integer());
       else if (k == "eps") c.eps = v.get<double>();
-      else if (k == "group_size") c.group_size = v.get<int64_t>();
+      else if (k == "group_size") c.group_size = integer();
       else if (k == "per_row_scale") c.per_row_scale = v.get<bool>();
       else if (k == "cluster_dtype") c.cluster_dtype = parse_cluster_dtype(v.get<std::string>());
       else if (k == "init") c.init = parse_palette_init(v.get<std::string>());
-      else if (k == "seed") c.seed = v.get<uint64_t>();
+      else if (k == "seed") {
+        if (!v.is_number_unsigned()) throw_input("{}: setting 'seed' must be a non-negative integer, got {}", source, v.dump());
+        c.seed = v.get<uint64_t>();
+      }
       else if (k == "method") c.method = parse_dkm_method(v.get<std::string>());
       else if (k == "zero_threshold") c.zero_threshold = v.get<double>();
       else if (k == "prune_threshold") c.prune_threshold = v.get<double>();
-      else if (k == "kmeans_max_iters") c.kmeans_max_iters = v.get<int>();
+      else if (k == "kmeans_max_iters") c.kmeans_max_iters = static_cast<int>(integer());
       else if (k == "marshal") c.marshal = v.get<bool>();
       else if (k == "uniquify") c.uniquify = v.get<bool>();
       else if (k == "shard") c.shard = v.get<bool>();

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "common/atomic_file.h"
 #include "common/error.h"
 
 namespace fs = std::filesystem;
@@ -23,9 +24,10 @@ void check_writable(const std::string& path) {
   if (::access(dir.c_str(), W_OK) != 0) throw_input("{}: cannot write to {}: {}", path, dir.string(), std::strerror(errno));
 }
 
-CompressReport compress(LoadedModel& m, const CompressOptions& o) {
-  check_writable(o.out);
-  if (!o.train.checkpoint_path.empty()) check_writable(o.train.checkpoint_path);
+namespace {
+
+// compress() proper; the public function adds the clean-up of a run that fails.
+CompressReport run_compress(LoadedModel& m, const CompressOptions& o) {
   if (!m.tokenizer) throw_input("compress needs a tokenizer for the data");
   Dataset data = load_dataset(o.data_path, *m.tokenizer, o.data);
   CompressReport r;
@@ -68,7 +70,34 @@ CompressReport compress(LoadedModel& m, const CompressOptions& o) {
   Llama exported = back.to_llama(at::kFloat);
   r.val_exported = evaluate(exported, nullptr, data.val, o.train.eval_batch, pad);
   r.size = size_of(back);
+  // The run is complete: its checkpoint can only repeat it.
+  if (!o.train.checkpoint_path.empty()) fs::remove(o.train.checkpoint_path);
   return r;
+}
+
+}  // namespace
+
+CompressReport compress(LoadedModel& m, const CompressOptions& o) {
+  check_writable(o.out);
+  if (!o.train.checkpoint_path.empty()) check_writable(o.train.checkpoint_path);
+  // An interrupted run's checkpoint is hours of work: never replaced unless asked to.
+  if (!o.train.resume && !o.train.overwrite && !o.train.checkpoint_path.empty() && fs::exists(o.train.checkpoint_path))
+    throw_input("{}: a checkpoint of an earlier run exists; continue that run with --resume, or start again with "
+                "--overwrite", o.train.checkpoint_path);
+  const bool main = !o.train.dist || o.train.dist->is_main();
+  if (main) {
+    remove_stale_temporaries(o.out);
+    if (!o.train.checkpoint_path.empty()) remove_stale_temporaries(o.train.checkpoint_path);
+  }
+  try {
+    return run_compress(m, o);
+  } catch (...) {
+    // A metrics file is worth keeping only beside a checkpoint that a --resume continues.
+    if (main && !o.train.metrics_path.empty() &&
+        (o.train.checkpoint_path.empty() || !fs::exists(o.train.checkpoint_path)))
+      fs::remove(o.train.metrics_path);
+    throw;
+  }
 }
 
 nlohmann::json CompressReport::to_json() const {
@@ -84,7 +113,9 @@ nlohmann::json CompressReport::to_json() const {
           {"seconds", train.seconds},
           {"tokens_per_second", train.tokens / std::max(1e-9, train.seconds)},
           {"peak_rss_bytes", train.peak_rss},
-          {"val_loss", {{"pretrained", val_pretrained}, {"kmeans", val_kmeans}, {"soft", val_soft}, {"exported", val_exported}}},
+          {"val_loss", val_examples == 0 ? nlohmann::json(nullptr)
+                                         : nlohmann::json{{"pretrained", val_pretrained}, {"kmeans", val_kmeans},
+                                                          {"soft", val_soft}, {"exported", val_exported}}},
           {"size", size.to_json()}};
 }
 
@@ -96,8 +127,11 @@ std::string CompressReport::text() const {
   s += "\n";
   s += fmt::format("training: {} steps in {:.1f} s ({:.0f} tokens/s), peak RSS {:.0f} MB\n", train.total_steps,
                    train.seconds, train.tokens / std::max(1e-9, train.seconds), train.peak_rss / 1048576.0);
-  s += fmt::format("validation loss (nats/token): pretrained {:.4f} | k-means, no training {:.4f} | DKM soft {:.4f} | "
-                   "written file {:.4f}\n", val_pretrained, val_kmeans, val_soft, val_exported);
+  if (val_examples == 0)
+    s += "validation loss: none (nothing held out; --val-fraction 0)\n";
+  else
+    s += fmt::format("validation loss (nats/token): pretrained {:.4f} | k-means, no training {:.4f} | DKM soft {:.4f} | "
+                     "written file {:.4f}\n", val_pretrained, val_kmeans, val_soft, val_exported);
   s += size.table(true);
   s += fmt::format("wrote {}\n", out);
   return s;

@@ -10,7 +10,9 @@
 #include <sstream>
 
 #include "common/atomic_file.h"
+#include "common/checksum.h"
 #include "common/error.h"
+#include "common/text.h"
 
 namespace edkm {
 namespace {
@@ -113,6 +115,7 @@ size_t heldout_offset(const std::string& text, double fraction) {
 
 std::string read_heldout_text(const std::string& path, double fraction) {
   std::string text = read_file(path);
+  check_utf8(text, path);
   if (fraction > 0) text.erase(0, heldout_offset(text, fraction));
   if (text.empty()) throw_input("{}: nothing left to score after holding out the last {}", path, fraction);
   return text;
@@ -136,6 +139,9 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
   if (text.find_first_not_of(" \t\r\n") == std::string::npos) throw_input("{}: the data file is empty", path);
   Dataset d;
   d.source = path;
+  Checksum sum;
+  sum.update(text);
+  d.digest = Checksum::format(sum.digest());
   std::vector<Example> all;
   if (looks_like_alpaca(path, text)) {
     d.kind = "alpaca";
@@ -175,6 +181,7 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
       throw_input("{}: every example is longer than --seq-len {} before its response starts", path, opts.seq_len);
   } else {
     d.kind = "text";
+    check_utf8(text, path);
     const size_t cut = heldout_offset(text, opts.val_fraction);
     std::vector<int> toks = tok.encode(text.substr(0, cut), /*bos=*/true, /*eos=*/false);
     d.train = windows(toks, toks, opts.seq_len);

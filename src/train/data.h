@@ -20,9 +20,12 @@
 
 namespace edkm {
 
+// The label of a position without a loss (PyTorch's cross-entropy default ignore_index).
+constexpr int kIgnoreIndex = -100;
+
 struct Example {
   std::vector<int> tokens;  // inputs
-  std::vector<int> labels;  // targets aligned with tokens; -100 = no loss
+  std::vector<int> labels;  // targets aligned with tokens; kIgnoreIndex = no loss
 };
 
 struct DataOptions {
@@ -34,7 +37,8 @@ struct DataOptions {
 
 struct Dataset {
   std::string source;
-  std::string kind;  // "alpaca" or "text"
+  std::string digest;  // checksum of the file's contents: the same data under another path is the same
+  std::string kind;    // "alpaca" or "text"
   std::vector<Example> train, val;
   int64_t truncated = 0;  // examples cut at seq_len
   int64_t dropped = 0;    // examples with no response token within seq_len

@@ -6,10 +6,14 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
+#include <sstream>
 
 #include "common/atomic_file.h"
+#include "common/checksum.h"
 #include "common/error.h"
 #include "common/memory.h"
 #include "common/progress.h"
@@ -27,13 +31,38 @@ nlohmann::json fingerprint(const TrainOptions& o, const Dataset& data, const Clu
   return {{"steps", total},         {"batch", o.batch},         {"grad_accum", o.grad_accum},
           {"lr", o.lr},             {"min_lr_ratio", o.min_lr_ratio}, {"warmup", o.warmup},
           {"weight_decay", o.weight_decay}, {"betas", {o.beta1, o.beta2}}, {"adam_eps", o.adam_eps},
-          {"grad_clip", o.grad_clip}, {"seed", o.seed},         {"data", data.source},
+          {"grad_clip", o.grad_clip}, {"seed", o.seed},         {"data", data.digest},
           {"train_examples", data.train.size()}, {"clustered", clustered}};
+}
+
+// The settings in which two fingerprints differ, as "path: saved -> now", values cut to 60
+// characters (a clustering plan holds a line per weight).
+void settings_diff(const nlohmann::json& saved, const nlohmann::json& now, const std::string& path,
+                   std::vector<std::string>& out) {
+  if (saved.is_object() && now.is_object()) {
+    std::set<std::string> keys;
+    for (auto it = saved.begin(); it != saved.end(); ++it) keys.insert(it.key());
+    for (auto it = now.begin(); it != now.end(); ++it) keys.insert(it.key());
+    for (const auto& k : keys)
+      settings_diff(saved.value(k, nlohmann::json()), now.value(k, nlohmann::json()), path.empty() ? k : path + "." + k, out);
+    return;
+  }
+  if (saved == now) return;
+  auto brief = [](const nlohmann::json& j) {
+    std::string s = j.is_null() ? "(none)" : j.dump();
+    return s.size() > 60 ? s.substr(0, 57) + "..." : s;
+  };
+  if (path == "data")
+    out.push_back("data: a file with other contents (the same file under another path is the same data)");
+  else
+    out.push_back(fmt::format("{}: {} -> {}", path, brief(saved), brief(now)));
 }
 
 // Checkpoint: every weight (in canonical order), every palette and scale, the optimizer state,
 // the step and the fingerprint, written atomically. Archive keys cannot contain dots, so
-// tensors are numbered.
+// tensors are numbered. After the archive come 16 bytes: kCheckpointMagic and the XXH3-64
+// digest of the archive (little-endian), verified before anything is read back.
+constexpr char kCheckpointMagic[8] = {'E', 'D', 'K', 'M', 'X', 'X', 'H', '3'};
 void save_checkpoint(const std::string& path, const Llama& model, const Clustering* c,
                      torch::optim::Optimizer& opt, int64_t step, const nlohmann::json& fp) {
   torch::serialize::OutputArchive ar;
@@ -51,29 +80,56 @@ void save_checkpoint(const std::string& path, const Llama& model, const Clusteri
   opt.save(optimizer);
   ar.write("optimizer", optimizer);
   AtomicFile out(path);
+  Checksum sum;
   ar.save_to([&](const void* data, size_t n) {
     out.write(data, n);
+    sum.update(data, n);
     return n;
   });
+  const uint64_t digest = sum.digest();
+  unsigned char trailer[16];
+  std::memcpy(trailer, kCheckpointMagic, 8);
+  for (int i = 0; i < 8; ++i) trailer[8 + i] = static_cast<unsigned char>(digest >> (8 * i));
+  out.write(trailer, sizeof trailer);
   out.commit();
 }
 
 int64_t load_checkpoint(const std::string& path, Llama& model, Clustering* c, torch::optim::Optimizer& opt,
                         const nlohmann::json& fp) {
   if (!std::filesystem::exists(path)) throw_input("{}: no checkpoint to resume from", path);
+  const std::string bytes = read_file(path);
+  if (bytes.size() < 16 || std::memcmp(bytes.data() + bytes.size() - 16, kCheckpointMagic, 8) != 0)
+    throw_input("{}: not an edkm checkpoint with a checksum (checkpoints written before edkm recorded "
+                "checksums cannot be resumed); start again with --overwrite", path);
+  const size_t size = bytes.size() - 16;
+  if (verify_checksums()) {
+    uint64_t recorded = 0;
+    for (int i = 0; i < 8; ++i) recorded |= uint64_t(static_cast<unsigned char>(bytes[size + 8 + i])) << (8 * i);
+    Checksum sum;
+    sum.update(bytes.data(), size);
+    if (sum.digest() != recorded)
+      throw_input("{}: checksum mismatch: the checkpoint records {}, its contents give {}; it is damaged (start "
+                  "again with --overwrite, or pass --no-verify to resume from it anyway)", path,
+                  Checksum::format(recorded), Checksum::format(sum.digest()));
+  }
   torch::serialize::InputArchive ar;
   try {
-    ar.load_from(path);
+    ar.load_from(bytes.data(), size);
   } catch (const c10::Error& e) {
     throw_input("{}: not a readable edkm checkpoint: {}", path, e.what_without_backtrace());
   }
   c10::IValue v;
   ar.read("fingerprint", v);
   const nlohmann::json saved = nlohmann::json::parse(v.toStringRef());
-  for (auto it = fp.begin(); it != fp.end(); ++it)
-    if (!saved.contains(it.key()) || saved[it.key()] != *it)
-      throw_input("{}: the checkpoint was made with {} = {}, this run has {}; resume with the same settings", path,
-                  it.key(), saved.value(it.key(), nlohmann::json()).dump(), it->dump());
+  std::vector<std::string> diffs;
+  settings_diff(saved, fp, "", diffs);
+  if (!diffs.empty()) {
+    std::string list;
+    for (size_t i = 0; i < std::min<size_t>(diffs.size(), 5); ++i) list += "\n  " + diffs[i];
+    if (diffs.size() > 5) list += fmt::format("\n  ... and {} more", diffs.size() - 5);
+    throw_input("{}: this run's settings differ from the checkpoint's (checkpoint -> now):{}\nresume with the same "
+                "settings, or start again with --overwrite", path, list);
+  }
   at::NoGradGuard no_grad;
   int64_t i = 0;
   for (const auto& [name, shape] : tensor_shapes(model.config())) {
@@ -92,6 +148,36 @@ int64_t load_checkpoint(const std::string& path, Llama& model, Clustering* c, to
   opt.load(optimizer);
   ar.read("step", v);
   return v.toInt();
+}
+
+// After a resume from step `step`, the metrics file keeps only the lines of steps up to it:
+// the steps after the checkpoint are run again and would otherwise appear twice.
+void keep_metrics_until(const std::string& path, int64_t step) {
+  if (!std::filesystem::exists(path)) return;
+  std::istringstream in(read_file(path));
+  std::string kept;
+  for (std::string line; std::getline(in, line);) {
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() <= step)
+      kept += line + "\n";
+  }
+  write_file_atomic(path, kept);
+}
+
+// The first weight (or soft-clustered weight) that holds NaN or Inf, as "weight 'X' holds NaN or
+// Inf"; "" when all are finite.
+std::string non_finite_weight(const Llama& model, const WeightOverrides& soft) {
+  auto bad = [](const at::Tensor& t) { return !at::isfinite(t.detach()).all().item<bool>(); };
+  for (const auto& [name, shape] : tensor_shapes(model.config())) {
+    if (bad(model.weight(name))) return fmt::format("weight '{}' holds NaN or Inf", name);
+    if (soft.count(name) && bad(soft.at(name))) return fmt::format("the clustered weight '{}' holds NaN or Inf", name);
+  }
+  return "";
+}
+
+// Training diverged at `step`: says what went non-finite and what to change.
+[[noreturn]] void throw_diverged(int64_t step, const std::string& what) {
+  throw_input("training step {}: {}; lower --lr, or keep --grad-clip on", step, what);
 }
 
 }  // namespace
@@ -118,7 +204,7 @@ double evaluate(const Llama& model, const WeightOverrides* overrides, const std:
     fo.overrides = overrides;
     at::Tensor logits = model.forward(b.tokens.to(model.device()), fo);
     nll += at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat),
-                                  b.labels.reshape({-1}).to(model.device()), {}, at::Reduction::Sum, -100)
+                                  b.labels.reshape({-1}).to(model.device()), {}, at::Reduction::Sum, kIgnoreIndex)
                .item<double>();
     n += b.loss_tokens;
   }
@@ -153,6 +239,7 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
   if (o.resume) rep.start_step = load_checkpoint(o.checkpoint_path, model, clustering, optimizer, fp);
   std::ofstream metrics;
   if (!o.metrics_path.empty() && main) {
+    if (rep.start_step > 0) keep_metrics_until(o.metrics_path, rep.start_step);
     metrics.open(o.metrics_path, rep.start_step > 0 ? std::ios::app : std::ios::trunc);
     if (!metrics) throw_input("{}: cannot write the metrics file", o.metrics_path);
   }
@@ -167,6 +254,8 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
   };
   rep.val_loss_start = rep.val_loss_end = val_loss();
   double last_val = rep.val_loss_start;
+  const bool validated = !data.val.empty();
+  auto val_text = [&](double v) { return validated ? fmt::format("{:.4f}", v) : std::string("none"); };
 
   Progress bar(clustering ? "compress" : "fine-tune", rep.total_steps, o.quiet || !main);
   bar.update(rep.start_step);
@@ -198,7 +287,14 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
     // backward through DKM carries their gradients to the weights.
     WeightOverrides soft, leaves;
     if (clustering) {
-      soft = clustering->soft(model, /*advance=*/true);
+      try {
+        soft = clustering->soft(model, /*advance=*/true);
+      } catch (const std::invalid_argument&) {
+        // DKM refuses non-finite weights: the previous step's update made them so.
+        const std::string weight = non_finite_weight(model, {});
+        if (!weight.empty()) throw_diverged(step + 1, weight + " after the previous step's update");
+        throw;
+      }
       for (const auto& [name, w] : soft) leaves[name] = w.detach().requires_grad_(true);
     }
     double loss_sum = 0;
@@ -208,8 +304,14 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
       fo.checkpoint_layers = o.checkpoint_layers;
       at::Tensor logits = model.forward(b.tokens.to(model.device()), fo);
       at::Tensor loss = at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat),
-                                               b.labels.reshape({-1}).to(model.device()), {}, at::Reduction::Sum, -100);
-      loss_sum += loss.item<double>();
+                                               b.labels.reshape({-1}).to(model.device()), {}, at::Reduction::Sum, kIgnoreIndex);
+      const double loss_value = loss.item<double>();
+      if (!std::isfinite(loss_value)) {
+        const std::string weight = non_finite_weight(model, leaves);
+        throw_diverged(step + 1, fmt::format("the loss is {} ({})", loss_value,
+                                             weight.empty() ? "the weights are finite, the activations overflowed" : weight));
+      }
+      loss_sum += loss_value;
       (loss / double(std::max<int64_t>(1, step_tokens))).backward();
     }
     if (world > 1) {
@@ -253,7 +355,7 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
     const bool last = step + 1 == rep.total_steps;
     nlohmann::json line = {{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"tokens", step_tokens},
                            {"elapsed_s", bar.elapsed()}, {"rss_mb", current_rss_bytes() / 1048576.0}};
-    if ((o.eval_every > 0 && (step + 1) % o.eval_every == 0) || last) {
+    if (validated && ((o.eval_every > 0 && (step + 1) % o.eval_every == 0) || last)) {
       last_val = val_loss();
       line["val_loss"] = last_val;
     }
@@ -268,7 +370,7 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
         (stop || (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0)))
       save_checkpoint(o.checkpoint_path, model, clustering, optimizer, step + 1, fp);
     const double tps = rep.tokens / std::max(1e-9, bar.elapsed());
-    bar.update(step + 1, fmt::format("loss {:.4f} val {:.4f} | {:.0f} tok/s | RSS {:.0f} MB", loss, last_val, tps,
+    bar.update(step + 1, fmt::format("loss {:.4f} val {} | {:.0f} tok/s | RSS {:.0f} MB", loss, val_text(last_val), tps,
                                      current_rss_bytes() / 1048576.0));
     if (stop && !last) {
       rep.interrupted = true;
@@ -277,7 +379,8 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
   }
   rep.val_loss_end = last_val;
   rep.seconds = bar.elapsed();
-  bar.finish(fmt::format("val loss {:.4f} -> {:.4f}", rep.val_loss_start, rep.val_loss_end));
+  bar.finish(validated ? fmt::format("val loss {:.4f} -> {:.4f}", rep.val_loss_start, rep.val_loss_end)
+                       : std::string("val loss none (nothing held out)"));
   rep.peak_rss = peak_rss_bytes();
   for (auto& [name, t] : model.weights()) t = t.detach();
   return rep;

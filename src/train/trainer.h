@@ -31,6 +31,7 @@ struct TrainOptions {
   int64_t checkpoint_every = 0;
   std::string checkpoint_path;  // "" = no checkpoints
   bool resume = false;          // continue from checkpoint_path
+  bool overwrite = false;       // compress(): start again although checkpoint_path exists
   uint64_t seed = 0;            // data order
   bool checkpoint_layers = false;
   bool quiet = false;

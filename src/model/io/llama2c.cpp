@@ -7,6 +7,7 @@
 
 #include "common/atomic_file.h"
 #include "common/error.h"
+#include "common/finite.h"
 #include "model/io/llama2c_layout.h"
 
 namespace edkm {
@@ -90,6 +91,7 @@ void save_llama2c(const Llama& model, const std::string& path) {
     if (v > std::numeric_limits<int32_t>::max()) throw_invalid("{} = {} does not fit the llama2.c header", what, v);
     return static_cast<int32_t>(v);
   };
+  for (const auto& [name, t] : model.weights()) check_finite(t, fmt::format("{}: tensor '{}'", path, name));
   std::string header(kHeaderV1, '\0');
   uint32_t magic = kMagic;
   int32_t version = 1;

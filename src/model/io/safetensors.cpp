@@ -7,13 +7,36 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
 #include "common/atomic_file.h"
+#include "common/checksum.h"
 #include "common/error.h"
+#include "common/finite.h"
 
 namespace edkm::safetensors {
+namespace {
+
+// The checksum covers every tensor's name, dtype, shape and span (sorted by name), the metadata
+// but the checksum entry itself (as a JSON object with sorted keys), and then the data buffer,
+// which `data` feeds in file order.
+template <typename FeedData>
+uint64_t content_digest(std::vector<TensorInfo> tensors, std::map<std::string, std::string> metadata, FeedData data) {
+  std::sort(tensors.begin(), tensors.end(), [](const TensorInfo& a, const TensorInfo& b) { return a.name < b.name; });
+  metadata.erase(kChecksumKey);
+  Checksum c;
+  for (const auto& t : tensors) {
+    nlohmann::json j = {t.name, t.dtype, t.shape, t.begin, t.end};
+    c.update(j.dump());
+  }
+  c.update(nlohmann::json(metadata).dump());
+  data(c);
+  return c.digest();
+}
+
+}  // namespace
 
 struct File::Mapping {
   void* addr = nullptr;
@@ -41,6 +64,15 @@ File::File(const std::string& path) : path_(path), map_(std::make_shared<Mapping
   std::string_view bytes(static_cast<const char*>(map_->addr), map_->size);
   header_ = parse_header(bytes, map_->size, path);
   for (size_t i = 0; i < header_.tensors.size(); ++i) index_[header_.tensors[i].name] = i;
+  auto recorded = header_.metadata.find(kChecksumKey);
+  if (recorded != header_.metadata.end() && verify_checksums()) {
+    const uint64_t digest = content_digest(header_.tensors, header_.metadata, [&](Checksum& c) {
+      c.update(bytes.data() + header_.data_start, bytes.size() - header_.data_start);
+    });
+    if (Checksum::format(digest) != recorded->second)
+      throw_input("{}: checksum mismatch: the file records {}, its contents give {}; the file is damaged (re-create "
+                  "it, or pass --no-verify to read it anyway)", path, recorded->second, Checksum::format(digest));
+  }
 }
 
 bool File::contains(const std::string& name) const { return index_.count(name) > 0; }
@@ -70,20 +102,28 @@ at::Tensor File::tensor(const std::string& name) const {
 
 void write(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
            const std::map<std::string, std::string>& metadata) {
-  nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::vector<TensorInfo> infos;
   std::vector<at::Tensor> data;
   uint64_t offset = 0;
   for (const auto& [name, t] : tensors) {
     if (name == "__metadata__") throw_invalid("'__metadata__' is not a valid tensor name");
-    if (header.contains(name)) throw_invalid("duplicate tensor name '{}'", name);
+    for (const auto& i : infos)
+      if (i.name == name) throw_invalid("duplicate tensor name '{}'", name);
     at::Tensor c = t.detach().to(at::kCPU).contiguous();
+    check_finite(c, fmt::format("{}: tensor '{}'", path, name));
     const uint64_t bytes = c.numel() * c.element_size();
-    header[name] = {{"dtype", dtype_name(c.scalar_type())}, {"shape", c.sizes().vec()},
-                    {"data_offsets", {offset, offset + bytes}}};
+    infos.push_back({name, dtype_name(c.scalar_type()), c.sizes().vec(), offset, offset + bytes});
     offset += bytes;
     data.push_back(c);
   }
+  std::map<std::string, std::string> meta = metadata;
+  meta[kChecksumKey] = Checksum::format(content_digest(infos, meta, [&](Checksum& c) {
+    for (const auto& t : data) c.update(t.data_ptr(), t.numel() * t.element_size());
+  }));
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  header["__metadata__"] = meta;
+  for (const auto& i : infos)
+    header[i.name] = {{"dtype", i.dtype}, {"shape", i.shape}, {"data_offsets", {i.begin, i.end}}};
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');
   char len[8];

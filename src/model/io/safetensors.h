@@ -57,8 +57,15 @@ class File {
   std::map<std::string, size_t> index_;
 };
 
+// The __metadata__ entry in which edkm records the file's checksum ("xxh3-64:<16 hex digits>",
+// common/checksum.h) over its tensor table, its other metadata and its data. Files that carry
+// one are verified when opened (unless verification is turned off); files from other writers
+// carry none and are read as they are.
+constexpr const char* kChecksumKey = "checksum";
+
 // Writes tensors (contiguous CPU copies are made as needed) and metadata atomically, the
-// header padded with spaces to a multiple of 8 bytes so that data is aligned.
+// header padded with spaces to a multiple of 8 bytes so that data is aligned, with the
+// checksum in __metadata__.
 void write(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
            const std::map<std::string, std::string>& metadata = {});
 
