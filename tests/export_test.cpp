@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <cstring>
+
 #include "common/atomic_file.h"
 #include "common/checksum.h"
 #include "common/error.h"
@@ -210,6 +212,26 @@ TEST(Reader, RejectsInconsistentFiles) {
       ADD_FAILURE() << "accepted a NaN palette";
     } catch (const InputError& e) {
       EXPECT_NE(std::string(e.what()).find("palette of '" + gate + "': 1 of 8 values are NaN or Inf"), std::string::npos)
+          << e.what();
+    }
+    // The same for a tensor stored dense (what `edkm info` reads).
+    tensor(ts, gate + ".palette")[0][0][0] = 1.0;
+    safetensors::write(tmp / "nan.edkm", ts, good.header().metadata);
+    {
+      safetensors::File f(tmp / "nan.edkm");
+      for (const auto& t : f.header().tensors)
+        if (t.name == "model.norm.weight") offset = f.header().data_start + t.begin + 4 * 3;
+    }
+    bytes = read_file(tmp / "nan.edkm");
+    const float inf = INFINITY;
+    std::memcpy(&bytes[offset], &inf, 4);
+    write_file_atomic(tmp / "nan.edkm", bytes);
+    try {
+      read_compressed(tmp / "nan.edkm");
+      ADD_FAILURE() << "accepted an Inf norm weight";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("tensor 'model.norm.weight': 1 of 10 values are NaN or Inf (the first, inf, "
+                                           "at index [3])"), std::string::npos)
           << e.what();
     }
     set_verify_checksums(true);

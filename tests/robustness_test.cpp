@@ -20,6 +20,7 @@
 #include "common/error.h"
 #include "common/finite.h"
 #include "common/text.h"
+#include "common/threads.h"
 #include "eval/perplexity.h"
 #include "model/generate.h"
 #include "model/load.h"
@@ -372,6 +373,23 @@ TEST(Robustness, LogSamplesHoldEveryRequestAndPrediction) {
     }
     EXPECT_NEAR(res["tasks"][task]["acc"].get<double>(), acc, 1e-12) << task;
     if (task == "arc_easy") EXPECT_NEAR(res["tasks"][task]["acc_norm"].get<double>(), acc_norm, 1e-12);
+  }
+}
+
+TEST(Robustness, DefaultThreadsCountTheIdleCores) {
+  const int usable = usable_cores();
+  const int idle = idle_cores(20);
+  EXPECT_GE(idle, 1);
+  EXPECT_LE(idle, usable);
+  // The benchmark that compares the settings runs and reports each of them for each workload.
+  test::TempDir tmp;
+  test::CliResult r = test::run_cli("bench threads --json --reps 1 --tokens 4 --text-bytes 2000", tmp);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["rows"].size(), 18u);  // 3 workloads x 2 machine states x 3 settings
+  for (const auto& row : j["rows"]) {
+    EXPECT_GT(row["seconds"].get<double>(), 0) << row.dump();
+    EXPECT_GE(row["threads"].get<int>(), 1) << row.dump();
   }
 }
 

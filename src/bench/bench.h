@@ -121,6 +121,31 @@ struct CompressBenchResult {
 CompressBenchResult run_compress_bench(const CompressBenchOptions& opts, const CompressOptions& train_opts);
 nlohmann::json to_json(const CompressBenchResult& r);
 
+// `edkm bench threads`: 1 thread, every core (the old default) and the default (the cores idle
+// at start, common/threads.h) side by side, idle and with a busy process on one core, for
+// decoding, perplexity and a training step of stories260K.
+struct ThreadsBenchOptions {
+  std::string model;               // stories260K.bin
+  std::string text;                // perplexity text (TinyStories val_a.txt)
+  int64_t text_bytes = 20000;
+  int decode_tokens = 200;
+  int reps = 3;
+};
+struct ThreadsBenchRow {
+  std::string workload, machine, setting;  // machine: "idle" or "one core busy"
+  int threads = 0;
+  double seconds = 0;        // best of the rounds
+  double vs_one_thread = 0;  // seconds / the 1-thread seconds (> 1: slower)
+};
+struct ThreadsBenchResult {
+  int usable_cores = 0;
+  int64_t perplexity_tokens = 0;
+  std::vector<ThreadsBenchRow> rows;
+  std::string table() const;
+};
+ThreadsBenchResult run_threads_bench(const ThreadsBenchOptions& opts);
+nlohmann::json to_json(const ThreadsBenchResult& r);
+
 // `edkm bench lut`: matrix-vector products from packed palettes beside libtorch's dense
 // products (fp32, bf16), on one 4096 x 11008 matrix and when decoding with a 4-layer dim-2048
 // model: time and bytes read per product / token.

@@ -91,6 +91,22 @@ void register_bench(CLI::App& app) {
     print(*ljson, r, [](const auto& x) { return x.table(); });
   });
 
+  auto* thr = bench->add_subcommand("threads", "1 thread vs the default, idle and with a busy core: decode, perplexity, a training step");
+  auto topts = std::make_shared<bench::ThreadsBenchOptions>();
+  auto tjson = std::make_shared<bool>(false);
+  topts->model = std::string(EDKM_DEFAULT_ASSETS) + "/models/stories260K/stories260K.bin";
+  topts->text = std::string(EDKM_DEFAULT_ASSETS) + "/eval/tinystories/val_a.txt";
+  thr->add_option("-m,--model", topts->model, "Model");
+  thr->add_option("--text", topts->text, "Perplexity text");
+  thr->add_option("--text-bytes", topts->text_bytes, "Bytes of the text scored")->check(CLI::Range(int64_t(1000), int64_t(1) << 30));
+  thr->add_option("--tokens", topts->decode_tokens, "Tokens decoded")->check(CLI::Range(1, 100000));
+  thr->add_option("--reps", topts->reps, "Rounds (the best is reported)")->check(CLI::Range(1, 100));
+  thr->add_flag("--json", *tjson, "Print the results as JSON");
+  add_runner(thr, [topts, tjson] {
+    bench::ThreadsBenchResult r = bench::run_threads_bench(*topts);
+    print(*tjson, r, [](const auto& x) { return x.table(); });
+  });
+
   auto* mem = bench->add_subcommand("memory", "eDKM's ablation: DKM memory for one LLaMA-7B layer, plain / +M / +M+U / +M+U+S vs unique");
   auto mopt = std::make_shared<bench::MemoryBenchOptions>();
   auto learner_out = std::make_shared<std::string>();
