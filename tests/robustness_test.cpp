@@ -383,7 +383,7 @@ TEST(Robustness, DefaultThreadsCountTheIdleCores) {
   EXPECT_LE(idle, usable);
   // The benchmark that compares the settings runs and reports each of them for each workload.
   test::TempDir tmp;
-  test::CliResult r = test::run_cli("bench threads --json --reps 1 --tokens 4 --text-bytes 2000", tmp);
+  test::CliResult r = test::run_cli("bench threads --json --reps 1 --tokens 4 --text-bytes 1000 --train-seq 16", tmp);
   ASSERT_EQ(r.code, 0) << r.err;
   const auto j = nlohmann::json::parse(r.out);
   ASSERT_EQ(j["rows"].size(), 18u);  // 3 workloads x 2 machine states x 3 settings

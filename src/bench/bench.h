@@ -129,6 +129,7 @@ struct ThreadsBenchOptions {
   std::string text;                // perplexity text (TinyStories val_a.txt)
   int64_t text_bytes = 20000;
   int decode_tokens = 200;
+  int64_t train_seq = 256;  // the training step's sequence length (batch 8)
   int reps = 3;
 };
 struct ThreadsBenchRow {

@@ -68,7 +68,7 @@ ThreadsBenchResult run_threads_bench(const ThreadsBenchOptions& o) {
   for (auto& [n, t] : trainable.weights()) t = t.detach().clone().requires_grad_(true);
   at::manual_seed(0);
   const int64_t vocab = trainable.config().vocab_size;
-  const at::Tensor x = at::randint(0, vocab, {8, 256}, at::kLong), y = at::randint(0, vocab, {8, 256}, at::kLong);
+  const at::Tensor x = at::randint(0, vocab, {8, o.train_seq}, at::kLong), y = at::randint(0, vocab, {8, o.train_seq}, at::kLong);
   auto train_step = [&] {
     const auto t0 = std::chrono::steady_clock::now();
     next_token_loss(trainable.forward(x), y).backward();
@@ -78,7 +78,7 @@ ThreadsBenchResult run_threads_bench(const ThreadsBenchOptions& o) {
   const std::vector<std::pair<std::string, std::function<double()>>> workloads = {
       {fmt::format("decode {} tokens", o.decode_tokens), decode},
       {fmt::format("perplexity {} tokens", tokens.size()), ppl},
-      {"training step 8 x 256", train_step}};
+      {fmt::format("training step 8 x {}", o.train_seq), train_step}};
 
   for (const bool loaded : {false, true}) {
     std::unique_ptr<BusyProcess> busy;

@@ -100,6 +100,8 @@ void register_bench(CLI::App& app) {
   thr->add_option("--text", topts->text, "Perplexity text");
   thr->add_option("--text-bytes", topts->text_bytes, "Bytes of the text scored")->check(CLI::Range(int64_t(1000), int64_t(1) << 30));
   thr->add_option("--tokens", topts->decode_tokens, "Tokens decoded")->check(CLI::Range(1, 100000));
+  thr->add_option("--train-seq", topts->train_seq, "Sequence length of the training step (batch 8)")
+      ->check(CLI::Range(int64_t(2), int64_t(1) << 16));
   thr->add_option("--reps", topts->reps, "Rounds (the best is reported)")->check(CLI::Range(1, 100));
   thr->add_flag("--json", *tjson, "Print the results as JSON");
   add_runner(thr, [topts, tjson] {

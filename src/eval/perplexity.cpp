@@ -54,18 +54,17 @@ PerplexityResult perplexity(const Llama& model, const std::vector<int>& tokens, 
       const Window& win = windows[w];
       inputs.push_back(all.slice(0, win.begin, win.end - 1));
       at::Tensor y = all.slice(0, win.begin + 1, win.end).clone();
-      y.narrow(0, 0, std::max<int64_t>(0, win.first_scored - (win.begin + 1))).fill_(-100);
+      y.narrow(0, 0, std::max<int64_t>(0, win.first_scored - (win.begin + 1))).fill_(kIgnoreIndex);
       targets.push_back(y);
     }
     at::Tensor logits = model.forward(at::stack(inputs).to(model.device()));
     at::Tensor y = at::stack(targets).to(model.device());
-    const double nll = at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat), y.reshape({-1}), {},
-                                              at::Reduction::Sum, -100).item<double>();
+    const double nll = next_token_loss(logits, y, at::Reduction::Sum).item<double>();
     if (!std::isfinite(nll))
       throw_input("the model's log-likelihood of window {} (tokens {}..{}) is not finite: its activations overflow", w,
                   windows[w - 1].begin, windows[w - 1].end - 1);
     r.nll += nll;
-    r.tokens += (y != -100).sum().item<int64_t>();
+    r.tokens += (y != kIgnoreIndex).sum().item<int64_t>();
     if (progress) progress(static_cast<int64_t>(w), r.windows, r.nats_per_token());
   }
   return r;

@@ -301,9 +301,9 @@ at::Tensor Llama::run(const at::Tensor& tokens, const ForwardOptions& opts, KVCa
   return proj(cfg_.tie_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", h, ov);
 }
 
-at::Tensor next_token_loss(const at::Tensor& logits, const at::Tensor& targets) {
+at::Tensor next_token_loss(const at::Tensor& logits, const at::Tensor& targets, at::Reduction::Reduction reduction) {
   return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(wide(logits.scalar_type())),
-                                targets.reshape({-1}), {}, at::Reduction::Mean, -100);
+                                targets.reshape({-1}), {}, reduction, kIgnoreIndex);
 }
 
 }  // namespace edkm

@@ -6,6 +6,7 @@
 // llama2.c / Meta checkpoints are permuted into it when loaded).
 #pragma once
 
+#include <ATen/core/Reduction.h>
 #include <ATen/core/Tensor.h>
 
 #include <map>
@@ -82,8 +83,12 @@ class Llama {
   std::unordered_map<std::string, std::shared_ptr<const LinearKernel>> kernels_;
 };
 
-// Mean cross-entropy (nats) of logits [B, T, V] against targets [B, T]; targets equal to -100
-// (PyTorch's ignore_index) are ignored. Computed in fp32 (fp64 for fp64 logits).
-at::Tensor next_token_loss(const at::Tensor& logits, const at::Tensor& targets);
+// The target of a position that carries no loss (PyTorch's cross-entropy ignore_index).
+constexpr int kIgnoreIndex = -100;
+
+// Cross-entropy (nats) of logits [B, T, V] against targets [B, T], averaged (Mean) or summed
+// (Sum) over the targets that are not kIgnoreIndex. Computed in fp32 (fp64 for fp64 logits).
+at::Tensor next_token_loss(const at::Tensor& logits, const at::Tensor& targets,
+                           at::Reduction::Reduction reduction = at::Reduction::Mean);
 
 }  // namespace edkm

@@ -154,7 +154,7 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
       // full sequence (response and EOS) carries the loss.
       std::vector<int> full = tok.encode(prompt + r.output, /*bos=*/true, /*eos=*/true);
       const size_t n_prompt = tok.encode(prompt, true, false).size();
-      std::vector<int> labels(full.size(), -100);
+      std::vector<int> labels(full.size(), kIgnoreIndex);
       for (size_t i = n_prompt; i < full.size(); ++i) labels[i] = full[i];
       if (opts.pack) {
         stream_toks.insert(stream_toks.end(), full.begin(), full.end());
@@ -201,7 +201,7 @@ Batch make_batch(const std::vector<Example>& data, const std::vector<int64_t>& i
   int64_t T = 0;
   for (int64_t i : indices) T = std::max<int64_t>(T, data[i].tokens.size());
   const int64_t B = static_cast<int64_t>(indices.size());
-  Batch b{at::full({B, T}, pad_id, at::kLong), at::full({B, T}, -100, at::kLong), 0};
+  Batch b{at::full({B, T}, pad_id, at::kLong), at::full({B, T}, kIgnoreIndex, at::kLong), 0};
   auto tp = b.tokens.accessor<int64_t, 2>();
   auto lp = b.labels.accessor<int64_t, 2>();
   for (int64_t r = 0; r < B; ++r) {

@@ -16,12 +16,10 @@
 #include <string>
 #include <vector>
 
+#include "model/llama.h"
 #include "tokenizer/tokenizer.h"
 
 namespace edkm {
-
-// The label of a position without a loss (PyTorch's cross-entropy default ignore_index).
-constexpr int kIgnoreIndex = -100;
 
 struct Example {
   std::vector<int> tokens;  // inputs
@@ -61,7 +59,7 @@ std::string read_heldout_text(const std::string& path, double fraction);
 // from which no training example survives.
 Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOptions& opts);
 
-// A batch of examples, right-padded to the longest with pad_id (labels -100).
+// A batch of examples, right-padded to the longest with pad_id (labels kIgnoreIndex).
 struct Batch {
   at::Tensor tokens;  // [B, T] int64
   at::Tensor labels;  // [B, T] int64

@@ -3,14 +3,21 @@
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <memory>
 #include <set>
 #include <sstream>
+#include <string_view>
 
 #include "common/atomic_file.h"
 #include "common/checksum.h"
@@ -97,7 +104,15 @@ void save_checkpoint(const std::string& path, const Llama& model, const Clusteri
 int64_t load_checkpoint(const std::string& path, Llama& model, Clustering* c, torch::optim::Optimizer& opt,
                         const nlohmann::json& fp) {
   if (!std::filesystem::exists(path)) throw_input("{}: no checkpoint to resume from", path);
-  const std::string bytes = read_file(path);
+  // Mapped rather than read: a checkpoint with optimizer state is several times the model.
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw_input("{}: cannot open: {}", path, std::strerror(errno));
+  const size_t file_size = static_cast<size_t>(::lseek(fd, 0, SEEK_END));
+  void* map = file_size ? ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+  ::close(fd);
+  if (map == MAP_FAILED) throw_input("{}: cannot map: {}", path, file_size ? std::strerror(errno) : "empty file");
+  std::unique_ptr<void, std::function<void(void*)>> unmap(map, [file_size](void* p) { ::munmap(p, file_size); });
+  const std::string_view bytes(static_cast<const char*>(map), file_size);
   if (bytes.size() < 16 || std::memcmp(bytes.data() + bytes.size() - 16, kCheckpointMagic, 8) != 0)
     throw_input("{}: not an edkm checkpoint with a checksum (checkpoints written before edkm recorded "
                 "checksums cannot be resumed); start again with --overwrite", path);
@@ -203,8 +218,7 @@ double evaluate(const Llama& model, const WeightOverrides* overrides, const std:
     ForwardOptions fo;
     fo.overrides = overrides;
     at::Tensor logits = model.forward(b.tokens.to(model.device()), fo);
-    nll += at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat),
-                                  b.labels.reshape({-1}).to(model.device()), {}, at::Reduction::Sum, kIgnoreIndex)
+    nll += next_token_loss(logits, b.labels.to(model.device()), at::Reduction::Sum)
                .item<double>();
     n += b.loss_tokens;
   }
@@ -303,8 +317,7 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
       fo.overrides = clustering ? &leaves : nullptr;
       fo.checkpoint_layers = o.checkpoint_layers;
       at::Tensor logits = model.forward(b.tokens.to(model.device()), fo);
-      at::Tensor loss = at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat),
-                                               b.labels.reshape({-1}).to(model.device()), {}, at::Reduction::Sum, kIgnoreIndex);
+      at::Tensor loss = next_token_loss(logits, b.labels.to(model.device()), at::Reduction::Sum);
       const double loss_value = loss.item<double>();
       if (!std::isfinite(loss_value)) {
         const std::string weight = non_finite_weight(model, leaves);
