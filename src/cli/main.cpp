@@ -42,7 +42,7 @@ int main(int argc, char** argv) {
   app.fallthrough();
   int threads = 0;
   bool no_verify = false;
-  app.add_option("-t,--threads", threads, "Intra-op threads (default: every core)");
+  app.add_option("-t,--threads", threads, "Intra-op threads (default: the cores idle when edkm starts)");
   app.add_flag("--no-verify", no_verify, "Do not verify the checksums of files read (faster for very large files)");
   edkm::cli::register_commands(app);
   edkm::cli::set_command_line(argc, argv);

@@ -3,18 +3,12 @@
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
-#include <fcntl.h>
-#include <sys/mman.h>
 #include <torch/torch.h>
-#include <unistd.h>
 
-#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <functional>
-#include <memory>
 #include <set>
 #include <sstream>
 #include <string_view>
@@ -22,6 +16,7 @@
 #include "common/atomic_file.h"
 #include "common/checksum.h"
 #include "common/error.h"
+#include "common/mapped_file.h"
 #include "common/memory.h"
 #include "common/progress.h"
 
@@ -105,14 +100,8 @@ int64_t load_checkpoint(const std::string& path, Llama& model, Clustering* c, to
                         const nlohmann::json& fp) {
   if (!std::filesystem::exists(path)) throw_input("{}: no checkpoint to resume from", path);
   // Mapped rather than read: a checkpoint with optimizer state is several times the model.
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) throw_input("{}: cannot open: {}", path, std::strerror(errno));
-  const size_t file_size = static_cast<size_t>(::lseek(fd, 0, SEEK_END));
-  void* map = file_size ? ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
-  ::close(fd);
-  if (map == MAP_FAILED) throw_input("{}: cannot map: {}", path, file_size ? std::strerror(errno) : "empty file");
-  std::unique_ptr<void, std::function<void(void*)>> unmap(map, [file_size](void* p) { ::munmap(p, file_size); });
-  const std::string_view bytes(static_cast<const char*>(map), file_size);
+  const MappedFile file(path);
+  const std::string_view bytes = file.bytes();
   if (bytes.size() < 16 || std::memcmp(bytes.data() + bytes.size() - 16, kCheckpointMagic, 8) != 0)
     throw_input("{}: not an edkm checkpoint with a checksum (checkpoints written before edkm recorded "
                 "checksums cannot be resumed); start again with --overwrite", path);

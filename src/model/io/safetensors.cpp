@@ -1,20 +1,16 @@
 #include "model/io/safetensors.h"
 
 #include <ATen/ATen.h>
-#include <fcntl.h>
 #include <nlohmann/json.hpp>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 
 #include "common/atomic_file.h"
 #include "common/checksum.h"
 #include "common/error.h"
 #include "common/finite.h"
+#include "common/mapped_file.h"
 
 namespace edkm::safetensors {
 namespace {
@@ -38,31 +34,9 @@ uint64_t content_digest(std::vector<TensorInfo> tensors, std::map<std::string, s
 
 }  // namespace
 
-struct File::Mapping {
-  void* addr = nullptr;
-  size_t size = 0;
-  ~Mapping() {
-    if (addr && addr != MAP_FAILED) ::munmap(addr, size);
-  }
-};
-
-File::File(const std::string& path) : path_(path), map_(std::make_shared<Mapping>()) {
-  int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) throw_input("{}: cannot open: {}", path, std::strerror(errno));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    ::close(fd);
-    throw_input("{}: cannot stat: {}", path, std::strerror(errno));
-  }
-  map_->size = static_cast<size_t>(st.st_size);
-  if (map_->size > 0) {
-    // Private and writable: copy-on-write, so a caller writing into a tensor never reaches the file.
-    map_->addr = ::mmap(nullptr, map_->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
-  }
-  ::close(fd);
-  if (map_->addr == MAP_FAILED) throw_input("{}: cannot map: {}", path, std::strerror(errno));
-  std::string_view bytes(static_cast<const char*>(map_->addr), map_->size);
-  header_ = parse_header(bytes, map_->size, path);
+File::File(const std::string& path) : path_(path), map_(std::make_shared<const MappedFile>(path)) {
+  const std::string_view bytes = map_->bytes();
+  header_ = parse_header(bytes, bytes.size(), path);
   for (size_t i = 0; i < header_.tensors.size(); ++i) index_[header_.tensors[i].name] = i;
   auto recorded = header_.metadata.find(kChecksumKey);
   if (recorded != header_.metadata.end() && verify_checksums()) {
@@ -88,7 +62,7 @@ at::Tensor File::tensor(const std::string& name) const {
   if (it == index_.end()) throw_input("{}: no tensor '{}'", path_, name);
   const TensorInfo& t = header_.tensors[it->second];
   const at::ScalarType type = to_scalar_type(t.dtype, path_);
-  char* data = static_cast<char*>(map_->addr) + header_.data_start + t.begin;
+  char* data = map_->data() + header_.data_start + t.begin;
   auto opts = at::TensorOptions().dtype(type);
   if (t.end == t.begin) return at::empty(t.shape, opts);
   if (reinterpret_cast<uintptr_t>(data) % dtype_size(t.dtype) != 0) {  // unaligned: copy

@@ -13,6 +13,10 @@
 #include <string_view>
 #include <vector>
 
+namespace edkm {
+class MappedFile;
+}
+
 namespace edkm::safetensors {
 
 struct TensorInfo {
@@ -50,9 +54,8 @@ class File {
   std::vector<std::string> names() const;
 
  private:
-  struct Mapping;
   std::string path_;
-  std::shared_ptr<Mapping> map_;
+  std::shared_ptr<const MappedFile> map_;  // kept alive by the tensors that view it
   Header header_;
   std::map<std::string, size_t> index_;
 };
