@@ -6,7 +6,7 @@
 #include <string_view>
 
 #include "common/error.h"
-#include "export/format.h"
+#include "format/format.h"
 #include "model/io/safetensors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

@@ -6,7 +6,7 @@
 #include <filesystem>
 
 #include "common/atomic_file.h"
-#include "export/format.h"
+#include "format/format.h"
 #include "test_util.h"
 
 namespace edkm {

@@ -11,7 +11,7 @@
 #include "eval/harness.h"
 #include "eval/report.h"
 #include "eval/tasks.h"
-#include "model/load.h"
+#include "pipeline/load.h"
 #include "test_util.h"
 
 namespace edkm {

@@ -10,7 +10,7 @@
 #include "model/io/hf.h"
 #include "model/io/llama2c.h"
 #include "model/io/safetensors.h"
-#include "model/load.h"
+#include "pipeline/load.h"
 #include "test_util.h"
 #include "tokenizer/tokenizer.h"
 

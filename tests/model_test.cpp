@@ -12,7 +12,7 @@
 #include "model/generate.h"
 #include "model/io/hf.h"
 #include "model/io/llama2c.h"
-#include "model/load.h"
+#include "pipeline/load.h"
 #include "test_util.h"
 
 namespace edkm {
@@ -201,6 +201,38 @@ TEST(Model, GradientsMatchFiniteDifferencesAndCheckpointing) {
       EXPECT_NEAR(grads[name].view({-1})[i].item<double>(), (up - down) / (2 * h), 1e-7) << name << "[" << i << "]";
     }
   }
+}
+
+// The typed per-layer views are bound once, to the tensors of the object that holds them: a
+// copy whose weights change computes the changed model and leaves the original alone, as does a
+// moved or assigned model. Reference: a model built afresh from the same tensors.
+TEST(Model, CopiesAndMovesComputeWithTheirOwnWeights) {
+  LlamaConfig c;
+  c.dim = 16, c.hidden_dim = 24, c.n_layers = 2, c.n_heads = 2, c.n_kv_heads = 2, c.vocab_size = 30, c.max_seq_len = 16;
+  c.tie_embeddings = false;
+  const Llama a = Llama::random(c, at::kFloat, 3);
+  at::Tensor x = at::randint(0, 30, {1, 8}, at::kLong);
+  at::NoGradGuard g;
+  const at::Tensor ref = a.forward(x);
+  Llama b = a;
+  for (auto& [name, t] : b.weights()) t = t * 1.5;
+  const Llama fresh(b.config(), b.weights(), "changed copy");
+  const at::Tensor changed = fresh.forward(x);
+  EXPECT_TRUE(at::equal(b.forward(x), changed));
+  EXPECT_TRUE(at::equal(a.forward(x), ref));
+  EXPECT_FALSE(at::allclose(changed, ref));
+  Llama moved = std::move(b);
+  EXPECT_TRUE(at::equal(moved.forward(x), changed));
+  Llama assigned = Llama::random(c, at::kFloat, 4);
+  assigned = a;
+  EXPECT_TRUE(at::equal(assigned.forward(x), ref));
+  assigned = std::move(moved);
+  EXPECT_TRUE(at::equal(assigned.forward(x), changed));
+  // Each role is bound to its Hugging Face tensor.
+  EXPECT_EQ(a.layers().size(), 2u);
+  EXPECT_EQ(a.layers()[1].gate.name, "model.layers.1.mlp.gate_proj.weight");
+  EXPECT_EQ(a.layers()[0].attn_norm.name, "model.layers.0.input_layernorm.weight");
+  EXPECT_EQ(a.layers()[1].down.tensor, &a.weights().at("model.layers.1.mlp.down_proj.weight"));
 }
 
 TEST(Model, Bf16ForwardTracksFp32) {

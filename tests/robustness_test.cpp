@@ -23,7 +23,7 @@
 #include "common/threads.h"
 #include "eval/perplexity.h"
 #include "model/generate.h"
-#include "model/load.h"
+#include "pipeline/load.h"
 #include "test_util.h"
 
 namespace edkm {
@@ -101,6 +101,21 @@ TEST(Robustness, NaNSettingsAndWeightsAreErrorsNotCrashes) {
     EXPECT_EQ(r.code, 1) << flag << "\n" << r.err;
     EXPECT_TRUE(contains(r.err, "edkm: error:")) << r.err;
   }
+  // The DKM settings' flags (cluster/settings.h) check their ranges and names before any work.
+  const std::string compress = "compress -t 1 -q -m " + test::asset(kStories) + " -d " + test::asset(kText) + " -o " +
+                               tmp / "flags.edkm";
+  for (const auto& [flag, message] : std::vector<std::pair<std::string, std::string>>{
+           {"--tau nan", "tau must be > 0, got nan"},
+           {"--tau 0", "tau must be > 0, got 0"},
+           {"--bits 9", "bits must be in 1..8, got 9"},
+           {"--zero-threshold 1", "zero_threshold must be in [0, 1), got 1"},
+           {"--cluster-dtype fp8", "unknown cluster dtype 'fp8'"},
+           {"--dkm-method fast", "unknown DKM method 'fast'"}}) {
+    test::CliResult r = test::run_cli(compress + " " + flag, tmp);
+    EXPECT_EQ(r.code, 1) << flag << "\n" << r.err;
+    EXPECT_TRUE(contains(r.err, message)) << flag << "\n" << r.err;
+  }
+  EXPECT_FALSE(fs::exists(tmp / "flags.edkm"));
   // Sampling from NaN logits (the crash behind `generate` on a NaN model).
   Sampler s({1.0f, 0.9f, 1});
   at::Tensor logits = at::zeros({8});
@@ -138,6 +153,20 @@ TEST(Robustness, NaNSettingsAndWeightsAreErrorsNotCrashes) {
   EXPECT_TRUE(contains(r.err, "training step ")) << r.err;
   EXPECT_FALSE(fs::exists(tmp / "div.edkm"));
   EXPECT_FALSE(fs::exists(tmp / "div.edkm.metrics.jsonl"));  // nothing to resume, so no metrics either
+}
+
+// A broken internal invariant is a bug, reported as one (std::logic_error with the condition and
+// the place), never taken for bad input.
+TEST(Robustness, InternalAssertNamesTheConditionAndThePlace) {
+  const int bits = 5;
+  try {
+    EDKM_ASSERT(bits <= 4);
+    ADD_FAILURE();
+  } catch (const std::logic_error& e) {
+    EXPECT_TRUE(contains(e.what(), "robustness_test.cpp:")) << e.what();
+    EXPECT_TRUE(contains(e.what(), "bits <= 4 does not hold; this is a bug in edkm")) << e.what();
+  }
+  EXPECT_NO_THROW(EDKM_ASSERT(bits == 5));
 }
 
 TEST(Robustness, PerplexityScoresTextOfOneTokenMoreThanItsWindows) {

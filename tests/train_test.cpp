@@ -8,10 +8,11 @@
 
 #include "common/atomic_file.h"
 #include "common/error.h"
-#include "export/format.h"
-#include "model/load.h"
+#include "common/text.h"
+#include "format/format.h"
+#include "pipeline/compress.h"
+#include "pipeline/load.h"
 #include "test_util.h"
-#include "train/compress.h"
 
 namespace edkm {
 namespace {
@@ -164,6 +165,43 @@ CompressOptions small_run(const test::TempDir& tmp, const std::string& out) {
   o.train.quiet = true;
   o.train.checkpoint_path = tmp / (out + ".ckpt");
   return o;
+}
+
+// Every DKM setting a JSON config sets lands in its own field of DKMConfig and is written back
+// under the same name (JSON in and out walk one table); each range is enforced.
+TEST(Plan, EveryDkmSettingReadsAndWritesUnderItsName) {
+  const nlohmann::json j = {{"bits", 5},          {"cluster_dim", 2},       {"tau", 3e-4},
+                            {"max_iters", 7},     {"eps", 1e-3},            {"group_size", 16},
+                            {"per_row_scale", true}, {"cluster_dtype", "fp16"}, {"init", "quantile"},
+                            {"seed", 9},          {"method", "edkm"},       {"zero_threshold", 1e-6},
+                            {"prune_threshold", 0.5}, {"kmeans_max_iters", 20}, {"marshal", true},
+                            {"uniquify", true},   {"shard", true}};
+  DKMConfig c;
+  apply_dkm_json(c, j, "all.json");
+  EXPECT_EQ(c.bits, 5);
+  EXPECT_EQ(c.cluster_dim, 2);
+  EXPECT_EQ(c.tau, 3e-4);
+  EXPECT_EQ(c.max_iters, 7);
+  EXPECT_EQ(c.eps, 1e-3);
+  EXPECT_EQ(c.group_size, 16);
+  EXPECT_TRUE(c.per_row_scale);
+  EXPECT_EQ(c.cluster_dtype, ClusterDType::kFloat16);
+  EXPECT_EQ(c.init, PaletteInit::kQuantile);
+  EXPECT_EQ(c.seed, 9u);
+  EXPECT_EQ(c.method, DKMMethod::kEDKM);
+  EXPECT_EQ(c.zero_threshold, 1e-6);
+  EXPECT_EQ(c.prune_threshold, 0.5);
+  EXPECT_EQ(c.kmeans_max_iters, 20);
+  EXPECT_TRUE(c.marshal && c.uniquify && c.shard);
+  EXPECT_EQ(dkm_to_json(c), j);
+  EXPECT_EQ(dkm_to_json(DKMConfig{}).size(), j.size());
+  for (const auto& [key, value] : std::vector<std::pair<std::string, nlohmann::json>>{
+           {"bits", 0}, {"bits", 9}, {"tau", 0.0}, {"max_iters", 0}, {"eps", -1.0}, {"group_size", -1},
+           {"zero_threshold", 1.0}, {"prune_threshold", -0.1}, {"kmeans_max_iters", -1}, {"cluster_dim", 0},
+           {"seed", -1}, {"cluster_dtype", "fp8"}, {"bits", 3.5}, {"shard", 1}, {"nonsense", 1}}) {
+    DKMConfig d;
+    EXPECT_THROW(apply_dkm_json(d, {{key, value}}, "bad.json"), InputError) << key << " " << value.dump();
+  }
 }
 
 TEST(Compress, InterruptedAndResumedRunEqualsUninterrupted) {

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "train/compress.h"
+#include "pipeline/compress.h"
 
 namespace edkm::bench {
 

@@ -7,8 +7,8 @@
 
 #include "bench/bench.h"
 #include "common/memory.h"
-#include "export/size.h"
-#include "model/load.h"
+#include "format/size.h"
+#include "pipeline/load.h"
 
 namespace edkm::bench {
 namespace {

@@ -8,7 +8,7 @@
 #include <memory>
 
 #include "bench/bench.h"
-#include "export/lut_kernel.h"
+#include "runtime/lut_kernel.h"
 #include "train/clustering.h"
 
 namespace edkm::bench {
@@ -24,10 +24,10 @@ PackedWeight pack(const at::Tensor& w, int bits) {
 int64_t weight_bytes(const Llama& m) {
   int64_t b = 0;
   for (const auto& name : m.projection_names())
-    if (name != "model.embed_tokens.weight" || !m.config().tie_embeddings) {
+    if (name != tensor_name::kEmbed || !m.config().tie_embeddings) {
       const at::Tensor& t = m.weight(name);
       // Embedding lookups read one row per token; every projection is read whole.
-      b += name == "model.embed_tokens.weight" ? t.size(1) * t.element_size() : t.numel() * t.element_size();
+      b += name == tensor_name::kEmbed ? t.size(1) * t.element_size() : t.numel() * t.element_size();
     }
   return b;
 }
@@ -106,7 +106,7 @@ LutBenchResult run_lut_bench(int reps, int decode_tokens) {
       Llama packed = packed_llama(cm);
       const SizeReport s = size_of(cm);
       int64_t bytes = 0;
-      for (const auto& t : s.tensors) bytes += t.name == "model.embed_tokens.weight" ? c.dim * 4 : t.bytes;
+      for (const auto& t : s.tensors) bytes += t.name == tensor_name::kEmbed ? c.dim * 4 : t.bytes;
       r.rows.push_back({name, fmt::format("{}-bit LUT", bits), decode_seconds(packed, decode_tokens), bytes});
     }
     dense.to(at::kBFloat16);

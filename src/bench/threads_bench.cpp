@@ -17,7 +17,7 @@
 #include "common/threads.h"
 #include "eval/perplexity.h"
 #include "model/generate.h"
-#include "model/load.h"
+#include "pipeline/load.h"
 
 namespace edkm::bench {
 namespace {

@@ -8,7 +8,7 @@
 #include "cli/common.h"
 #include "common/atomic_file.h"
 #include "dist/dist.h"
-#include "train/compress.h"
+#include "pipeline/compress.h"
 
 namespace edkm::cli {
 namespace {
@@ -65,7 +65,6 @@ void register_bench(CLI::App& app) {
   auto cjson = std::make_shared<bool>(false);
   copts->model = std::string(EDKM_DEFAULT_ASSETS) + "/models/stories260K/stories260K.bin";
   copts->data = std::string(EDKM_DEFAULT_ASSETS) + "/eval/tinystories/val_a.txt";
-  ctrain->train.lr = 1e-3;
   comp->add_option("-m,--model", copts->model, "Model to compress");
   comp->add_option("-d,--data", copts->data, "Data: the last --val-fraction is held out");
   comp->add_option("--bits", copts->bits, "Bit widths")->check(CLI::Range(1, 8));

@@ -12,7 +12,7 @@
 #include "common/atomic_file.h"
 #include "common/error.h"
 #include "dist/dist.h"
-#include "train/compress.h"
+#include "pipeline/compress.h"
 
 namespace edkm::cli {
 namespace {
@@ -33,33 +33,20 @@ void register_compress(CLI::App& app) {
   auto args = std::make_shared<ModelArgs>();
   auto o = std::make_shared<CompressOptions>();
   auto config = std::make_shared<std::string>();
-  auto cluster_dtype = std::make_shared<std::string>("bf16");
   auto dense_dtype = std::make_shared<std::string>("keep");
   auto no_cluster = std::make_shared<bool>(false);
   auto nproc = std::make_shared<int>(1);
-  auto dkm_method = std::make_shared<std::string>("auto");
   auto json = std::make_shared<bool>(false);
   auto dist_timeout = std::make_shared<int>(300);
-  o->plan.defaults.bits = 3;
-  o->train.lr = 1e-3;
   add_model_args(cmd, *args);
   cmd->add_option("-d,--data", o->data_path, "Alpaca JSON/JSONL or plain text")->required();
   cmd->add_option("-o,--out", o->out, "Compressed model file to write")->required();
-  // clustering
-  cmd->add_option("-b,--bits", o->plan.defaults.bits, "Bits per weight index (k = 2^bits)")->check(CLI::Range(1, 8));
+  // clustering: every DKM setting (cluster/settings.h), then which weights
+  add_dkm_options(cmd, o->plan.defaults);
   cmd->add_option("--config", *config, "JSON compression config (per-name-pattern settings)");
-  cmd->add_option("--group-size", o->plan.defaults.group_size, "Rows per palette (0: one palette per tensor)")->check(CLI::NonNegativeNumber);
-  cmd->add_option("--cluster-dim", o->plan.defaults.cluster_dim, "Weights per centroid vector")->check(CLI::PositiveNumber);
-  cmd->add_option("--tau", o->plan.defaults.tau, "DKM softmax temperature")->check(positive_finite());
-  cmd->add_option("--dkm-iters", o->plan.defaults.max_iters, "DKM iterations per step")->check(CLI::PositiveNumber);
-  cmd->add_flag("--per-row-scale", o->plan.defaults.per_row_scale, "Divide rows by (max - min) / 2 before clustering");
-  cmd->add_option("--cluster-dtype", *cluster_dtype, "Rounding before clustering: bf16, fp16, fp32")
-      ->check(CLI::IsMember({"bf16", "fp16", "fp32"}));
   cmd->add_flag("--include-embeddings", o->plan.include_embeddings, "Also cluster the embeddings and classifier");
   cmd->add_option("--min-weights", o->plan.min_weights, "Leave matrices with at most this many weights unclustered");
   cmd->add_flag("--no-cluster", *no_cluster, "Plain fine-tuning without DKM (a baseline)");
-  cmd->add_option("--dkm-method", *dkm_method, "auto, unique, dense, or edkm (dense with --config's marshal/uniquify/shard)")
-      ->check(CLI::IsMember({"auto", "unique", "dense", "edkm"}));
   cmd->add_option("--nproc", *nproc,
                   "Data-parallel learners on this machine (c10d Gloo on loopback); a learner started by torchrun, "
                   "Slurm or mpirun joins from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT instead")
@@ -103,8 +90,6 @@ void register_compress(CLI::App& app) {
     }
     const bool main_learner = !dist || dist->is_main();
     // Flags set the defaults; a --config file may refine them, per name pattern or globally.
-    o->plan.defaults.method = parse_dkm_method(*dkm_method);
-    o->plan.defaults.cluster_dtype = parse_cluster_dtype(*cluster_dtype);
     if (!config->empty()) {
       nlohmann::json j;
       try {

@@ -13,10 +13,10 @@
 #include "common/progress.h"
 #include "eval/harness.h"
 #include "eval/report.h"
-#include "export/format.h"
-#include "export/size.h"
+#include "format/format.h"
+#include "format/size.h"
 #include "model/io/safetensors.h"
-#include "train/compress.h"
+#include "pipeline/compress.h"
 
 namespace edkm::cli {
 namespace {

@@ -7,11 +7,10 @@
 
 #include "cli/commands.h"
 #include "cli/common.h"
-#include "common/atomic_file.h"
 #include "common/error.h"
-#include "export/format.h"
-#include "export/size.h"
-#include "model/io/hf.h"
+#include "format/format.h"
+#include "format/size.h"
+#include "pipeline/export.h"
 
 namespace edkm::cli {
 
@@ -78,12 +77,9 @@ void register_export(CLI::App& app) {
     cmd->add_option("-o,--out", *out, "Output directory")->required();
     cmd->add_option("--dtype", *dtype, "bf16, fp16 or fp32")->check(CLI::IsMember({"bf16", "fp16", "fp32"}));
     add_runner(cmd, [file, out, dtype] {
-      check_outputs_distinct({*out + "/config.json", *out + "/model.safetensors"}, {{"FILE", *file}});
-      CompressedModel m = read_compressed(*file);
-      const at::ScalarType t = parse_dtype(*dtype);
-      save_hf_dir(m.to_llama(t), *out, t, m.tokenizer().get());
+      const std::string tokenizer = export_hf(*file, *out, parse_dtype(*dtype));
       std::cerr << fmt::format("edkm: wrote {} (config.json, model.safetensors in {}{})\n", *out, *dtype,
-                               m.tokenizer_name.empty() ? "" : ", " + m.tokenizer_name);
+                               tokenizer.empty() ? "" : ", " + tokenizer);
     });
   }
 }

@@ -7,7 +7,7 @@
 #include "cli/common.h"
 #include "common/progress.h"
 #include "eval/perplexity.h"
-#include "train/data.h"
+#include "common/text.h"
 
 namespace edkm::cli {
 

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <iostream>
 
@@ -81,6 +82,39 @@ CLI::Validator positive_finite() {
         return {};
       },
       "POSITIVE");
+}
+
+void add_dkm_options(CLI::App* cmd, DKMConfig& cfg, const std::vector<std::string>& only) {
+  for_each_dkm_setting(cfg, [&](const DKMSetting& s, auto& field) {
+    if (!only.empty() && std::find(only.begin(), only.end(), s.name) == only.end()) return;
+    using T = std::decay_t<decltype(field)>;
+    if constexpr (std::is_same_v<T, bool>) {
+      cmd->add_flag(s.flag, field, s.help);
+    } else if constexpr (std::is_enum_v<T>) {
+      cmd->add_option_function<std::string>(s.flag, [&field](const std::string& v) { parse_setting(v, field); }, s.help)
+          ->check(CLI::Validator(
+              [](std::string& v) -> std::string {
+                T parsed;
+                try {
+                  parse_setting(v, parsed);
+                } catch (const std::invalid_argument& e) {
+                  return e.what();
+                }
+                return {};
+              },
+              "TEXT"));
+    } else {
+      cmd->add_option(s.flag, field, s.help)
+          ->check(CLI::Validator(
+              [s](std::string& v) -> std::string {
+                double x = 0;
+                if (!CLI::detail::lexical_cast(v, x)) return fmt::format("'{}' is not a number", v);
+                if (!s.in_range(x)) return fmt::format("{} must be {}, got {}", s.name, s.range_text(), v);
+                return {};
+              },
+              "NUMBER " + s.range_text()));
+    }
+  });
 }
 
 std::vector<InputPath> model_inputs(const ModelArgs& a) { return {{"-m", a.model}, {"--tokenizer", a.tokenizer}}; }

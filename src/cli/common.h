@@ -8,8 +8,9 @@
 #include <string>
 #include <vector>
 
+#include "cluster/settings.h"
 #include "common/atomic_file.h"
-#include "model/load.h"
+#include "pipeline/load.h"
 
 namespace edkm::cli {
 
@@ -37,6 +38,10 @@ at::Device parse_device(const std::string& s);
 CLI::Validator finite_in(double lo, double hi = HUGE_VAL);
 // A finite number > 0.
 CLI::Validator positive_finite();
+
+// The flags of DKMConfig's settings (cluster/settings.h), writing into cfg; `only` restricts them
+// to the settings of those names.
+void add_dkm_options(CLI::App* cmd, DKMConfig& cfg, const std::vector<std::string>& only = {});
 
 // The inputs that ModelArgs names, for check_outputs_distinct.
 std::vector<InputPath> model_inputs(const ModelArgs& args);

@@ -1,23 +1,91 @@
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <climits>
 #include <cmath>
+#include <cstdlib>
 
 #include "cluster/cluster.h"
+#include "cluster/settings.h"
 #include "common/error.h"
 
 namespace edkm {
 
+bool DKMSetting::in_range(double v) const {
+  if (!std::isfinite(v)) return false;
+  return (lo_open ? v > lo : v >= lo) && (hi_open ? v < hi : v <= hi);
+}
+
+std::string DKMSetting::range_text() const {
+  if (std::isfinite(hi)) {
+    if (!lo_open && !hi_open) return fmt::format("in {}..{}", lo, hi);
+    return fmt::format("in {}{}, {}{}", lo_open ? "(" : "[", lo, hi, hi_open ? ")" : "]");
+  }
+  return fmt::format("{} {}", lo_open ? ">" : ">=", lo);
+}
+
 void DKMConfig::validate() const {
-  if (bits < 1 || bits > 8) throw_invalid("bits must be in 1..8 (k = 2^bits <= 256), got {}", bits);
-  if (cluster_dim < 1) throw_invalid("cluster_dim must be >= 1, got {}", cluster_dim);
-  if (!(tau > 0) || !std::isfinite(tau)) throw_invalid("tau must be a positive number, got {}", tau);
-  if (max_iters < 1) throw_invalid("max_iters must be >= 1, got {}", max_iters);
-  if (!(eps >= 0)) throw_invalid("eps must be >= 0, got {}", eps);
-  if (group_size < 0) throw_invalid("group_size must be >= 0, got {}", group_size);
-  if (!(zero_threshold >= 0) || zero_threshold >= 1)
-    throw_invalid("zero_threshold must be in [0, 1), got {}", zero_threshold);
-  if (!(prune_threshold >= 0)) throw_invalid("prune_threshold must be >= 0, got {}", prune_threshold);
-  if (kmeans_max_iters < 0) throw_invalid("kmeans_max_iters must be >= 0, got {}", kmeans_max_iters);
+  for_each_dkm_setting(*this, [](const DKMSetting& s, const auto& v) {
+    using T = std::decay_t<decltype(v)>;
+    if constexpr (std::is_arithmetic_v<T> && !std::is_same_v<T, bool>)
+      if (!s.in_range(static_cast<double>(v))) throw_invalid("{} must be {}, got {}", s.name, s.range_text(), v);
+  });
   if ((marshal || uniquify || shard) && method != DKMMethod::kEDKM)
     throw_invalid("marshal / uniquify / shard are eDKM techniques of method 'edkm', not '{}'", to_string(method));
+}
+
+void parse_setting(const std::string& s, ClusterDType& out) { out = parse_cluster_dtype(s); }
+void parse_setting(const std::string& s, PaletteInit& out) { out = parse_palette_init(s); }
+void parse_setting(const std::string& s, DKMMethod& out) { out = parse_dkm_method(s); }
+
+void apply_dkm_json(DKMConfig& c, const nlohmann::json& j, const std::string& source) {
+  if (!j.is_object()) throw_input("{}: DKM settings must be a JSON object", source);
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& k = it.key();
+    const nlohmann::json& v = it.value();
+    bool known = false;
+    try {
+      for_each_dkm_setting(c, [&](const DKMSetting& s, auto& field) {
+        if (k != s.name) return;
+        known = true;
+        using T = std::decay_t<decltype(field)>;
+        if constexpr (std::is_same_v<T, uint64_t>) {
+          if (!v.is_number_integer() || (!v.is_number_unsigned() && v.get<int64_t>() < 0))
+            throw_input("{}: setting '{}' must be a non-negative integer, got {}", source, k, v.dump());
+          field = v.get<uint64_t>();
+        } else if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+          // nlohmann's get<int>() truncates 3.7 to 3: integer settings must be written as integers.
+          if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > INT32_MAX) ||
+              std::llabs(v.get<int64_t>()) > INT32_MAX)
+            throw_input("{}: setting '{}' must be an integer of at most 2^31 - 1, got {}", source, k, v.dump());
+          field = static_cast<T>(v.get<int64_t>());
+        } else if constexpr (std::is_enum_v<T>) {
+          parse_setting(v.get<std::string>(), field);
+        } else {
+          field = v.get<T>();  // double, bool
+        }
+      });
+    } catch (const nlohmann::json::exception& e) {
+      throw_input("{}: setting '{}' has the wrong type: {}", source, k, e.what());
+    } catch (const std::invalid_argument& e) {
+      throw_input("{}: {}", source, e.what());
+    }
+    if (!known) throw_input("{}: unknown DKM setting '{}'", source, k);
+  }
+  try {
+    c.validate();
+  } catch (const std::invalid_argument& e) {
+    throw_input("{}: {}", source, e.what());
+  }
+}
+
+nlohmann::json dkm_to_json(const DKMConfig& c) {
+  nlohmann::json j = nlohmann::json::object();
+  for_each_dkm_setting(c, [&](const DKMSetting& s, const auto& field) {
+    if constexpr (std::is_enum_v<std::decay_t<decltype(field)>>) j[s.name] = to_string(field);
+    else j[s.name] = field;
+  });
+  return j;
 }
 
 std::string to_string(ClusterDType t) {

@@ -48,9 +48,9 @@ UniqueSpaceGrad uspace_backward(const at::Tensor& v, const at::Tensor& n,
 
 // The same two functions as host loops (uspace_host.cpp), one parallel pass over the values
 // per iteration, for the common case: scalar clustering in fp64 on the CPU with at most 65,536
-// values per group (the 16-bit and sorted indices). There the ATen code's ~300 small ops per
-// matrix cost ~1.5 ms of dispatch, and the loops take 0.85 ms for forward and backward of a
-// 4096x11008 bf16 matrix against 2.6. The dense fallback (U = N) keeps the ATen code.
+// values per group (the 16-bit and sorted indices), where the ATen code's ~300 small ops per
+// matrix cost more in dispatch than the arithmetic (BENCHMARKS.md, "Pattern index: design
+// measurements"). The dense fallback (U = N) keeps the ATen code.
 bool uspace_host_applies(const at::Tensor& v);
 UniqueSpaceState uspace_forward_host(const at::Tensor& v, const at::Tensor& n, const at::Tensor& c0,
                                      const SoftKMeans& p, at::Tensor* out);

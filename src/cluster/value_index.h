@@ -11,8 +11,8 @@
 // Implementations:
 //   pattern   16-bit cluster dtypes, d = 1: the index of a weight is its own 16-bit pattern
 //             after scaling and rounding, recomputed from the caller's weight on every pass, so
-//             nothing N-sized is stored. CPU tensors use fused parallel loops; other devices
-//             use chunked ATen gathers and scatters.
+//             nothing N-sized is stored (pattern_index.h: host loops for CPU tensors, ATen ops
+//             elsewhere, chosen once when the index is built).
 //   sorted    any dtype and d: distinct values by sorting; stores an N-long inverse index.
 //   identity  every weight is its own "value" (U = N, counts 1): the chunked dense fallback.
 #pragma once

@@ -75,6 +75,16 @@ void write_file_atomic(const std::string& path, std::string_view contents) {
   f.commit();
 }
 
+void check_writable(const std::string& path) {
+  namespace fs = std::filesystem;
+  if (path.empty()) throw_input("no output path given");
+  const fs::path p(path);
+  if (fs::is_directory(p)) throw_input("{}: is a directory, expected a file name", path);
+  const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
+  if (!fs::is_directory(dir)) throw_input("{}: directory {} does not exist", path, dir.string());
+  if (::access(dir.c_str(), W_OK) != 0) throw_input("{}: cannot write to {}: {}", path, dir.string(), std::strerror(errno));
+}
+
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw_input("{}: cannot open: {}", path, std::strerror(errno));

@@ -41,6 +41,9 @@ void remove_stale_temporaries(const std::string& path);
 // Writes a whole file atomically.
 void write_file_atomic(const std::string& path, std::string_view contents);
 
+// Checks that `path` can be written (its directory exists and is writable) before any work.
+void check_writable(const std::string& path);
+
 // Reads a whole file; InputError naming the path if it cannot.
 std::string read_file(const std::string& path);
 

@@ -2,7 +2,8 @@
 //
 // std::invalid_argument: the caller passed something out of range (bits = 9, tau <= 0, a
 // palette of the wrong shape). InputError: a file or data set is missing, corrupt or
-// unsupported; the message always names the file (or item) and the problem.
+// unsupported; the message always names the file (or item) and the problem. EDKM_ASSERT:
+// an internal invariant, which only a bug in edkm breaks.
 #pragma once
 
 #include <fmt/format.h>
@@ -27,4 +28,17 @@ template <typename... Args>
   throw InputError(fmt::format(f, std::forward<Args>(args)...));
 }
 
+[[noreturn]] inline void assert_failed(const char* cond, const char* file, int line) {
+  throw std::logic_error(fmt::format("internal error: {}:{}: {} does not hold; this is a bug in edkm, please report it",
+                                     file, line, cond));
+}
+
 }  // namespace edkm
+
+// A precondition that the code establishes elsewhere (a check made by a caller, a property of a
+// data structure) and that a loop relies on for memory safety: cheap, so kept in release
+// builds, and placed outside the innermost loops.
+#define EDKM_ASSERT(cond)                                                 \
+  do {                                                                     \
+    if (__builtin_expect(!(cond), 0)) ::edkm::assert_failed(#cond, __FILE__, __LINE__); \
+  } while (0)

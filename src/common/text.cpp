@@ -1,5 +1,6 @@
 #include "common/text.h"
 
+#include "common/atomic_file.h"
 #include "common/error.h"
 
 namespace edkm {
@@ -36,6 +37,26 @@ void check_utf8(std::string_view text, const std::string& source) {
     }
     i += len;
   }
+}
+
+size_t heldout_offset(const std::string& text, double fraction) {
+  if (!(fraction >= 0 && fraction < 1)) throw_invalid("held-out fraction must be in [0, 1), got {}", fraction);
+  if (fraction == 0) return text.size();
+  const size_t pos = static_cast<size_t>((1 - fraction) * static_cast<double>(text.size()));
+  if (pos == 0 || text[pos - 1] == '\n') return pos;
+  const size_t nl = text.find('\n', pos);
+  if (nl != std::string::npos) return nl + 1;
+  size_t p = pos;
+  while (p < text.size() && (static_cast<unsigned char>(text[p]) & 0xC0) == 0x80) ++p;
+  return p;
+}
+
+std::string read_heldout_text(const std::string& path, double fraction) {
+  std::string text = read_file(path);
+  check_utf8(text, path);
+  if (fraction > 0) text.erase(0, heldout_offset(text, fraction));
+  if (text.empty()) throw_input("{}: nothing left to score after holding out the last {}", path, fraction);
+  return text;
 }
 
 }  // namespace edkm

@@ -10,7 +10,7 @@
 
 #include "common/atomic_file.h"
 #include "common/error.h"
-#include "train/data.h"
+#include "common/text.h"
 
 namespace edkm {
 

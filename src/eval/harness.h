@@ -75,7 +75,7 @@ TaskResult evaluate_task(const Llama& model, const Tokenizer& tok, const Task& t
 // Perplexity of a text file, with the tokenizer-independent figures the harness reports for
 // WikiText: word perplexity exp(NLL / words) and bits per byte NLL / (bytes ln 2).
 // heldout > 0 scores only the tail of the file that `compress --val-fraction heldout` holds out
-// (train/data.h heldout_offset); words and bytes count that tail.
+// (common/text.h heldout_offset); words and bytes count that tail.
 struct PerplexityTaskResult {
   std::string task, source;
   double heldout = 0;

@@ -94,20 +94,20 @@ std::string layer_tensor_name(int64_t layer, const std::string& leaf) {
 
 std::vector<std::pair<std::string, std::vector<int64_t>>> tensor_shapes(const LlamaConfig& c) {
   std::vector<std::pair<std::string, std::vector<int64_t>>> s;
-  s.push_back({"model.embed_tokens.weight", {c.vocab_size, c.dim}});
+  s.push_back({tensor_name::kEmbed, {c.vocab_size, c.dim}});
   for (int64_t l = 0; l < c.n_layers; ++l) {
-    s.push_back({layer_tensor_name(l, "input_layernorm.weight"), {c.dim}});
-    s.push_back({layer_tensor_name(l, "self_attn.q_proj.weight"), {c.dim, c.dim}});
-    s.push_back({layer_tensor_name(l, "self_attn.k_proj.weight"), {c.kv_dim(), c.dim}});
-    s.push_back({layer_tensor_name(l, "self_attn.v_proj.weight"), {c.kv_dim(), c.dim}});
-    s.push_back({layer_tensor_name(l, "self_attn.o_proj.weight"), {c.dim, c.dim}});
-    s.push_back({layer_tensor_name(l, "post_attention_layernorm.weight"), {c.dim}});
-    s.push_back({layer_tensor_name(l, "mlp.gate_proj.weight"), {c.hidden_dim, c.dim}});
-    s.push_back({layer_tensor_name(l, "mlp.up_proj.weight"), {c.hidden_dim, c.dim}});
-    s.push_back({layer_tensor_name(l, "mlp.down_proj.weight"), {c.dim, c.hidden_dim}});
+    s.push_back({layer_tensor_name(l, tensor_name::kAttnNorm), {c.dim}});
+    s.push_back({layer_tensor_name(l, tensor_name::kQ), {c.dim, c.dim}});
+    s.push_back({layer_tensor_name(l, tensor_name::kK), {c.kv_dim(), c.dim}});
+    s.push_back({layer_tensor_name(l, tensor_name::kV), {c.kv_dim(), c.dim}});
+    s.push_back({layer_tensor_name(l, tensor_name::kO), {c.dim, c.dim}});
+    s.push_back({layer_tensor_name(l, tensor_name::kMlpNorm), {c.dim}});
+    s.push_back({layer_tensor_name(l, tensor_name::kGate), {c.hidden_dim, c.dim}});
+    s.push_back({layer_tensor_name(l, tensor_name::kUp), {c.hidden_dim, c.dim}});
+    s.push_back({layer_tensor_name(l, tensor_name::kDown), {c.dim, c.hidden_dim}});
   }
-  s.push_back({"model.norm.weight", {c.dim}});
-  if (!c.tie_embeddings) s.push_back({"lm_head.weight", {c.vocab_size, c.dim}});
+  s.push_back({tensor_name::kFinalNorm, {c.dim}});
+  if (!c.tie_embeddings) s.push_back({tensor_name::kLmHead, {c.vocab_size, c.dim}});
   return s;
 }
 

@@ -35,7 +35,26 @@ struct LlamaConfig {
   nlohmann::json to_hf() const;
 };
 
-// Hugging Face tensor names: "model.layers.<layer>.<leaf>".
+// Hugging Face tensor names: the keys of Llama::weights() and of every file edkm reads or writes.
+namespace tensor_name {
+inline constexpr char kEmbed[] = "model.embed_tokens.weight";
+inline constexpr char kFinalNorm[] = "model.norm.weight";
+inline constexpr char kLmHead[] = "lm_head.weight";
+// Leaves within layer l, named "model.layers.<l>.<leaf>" (layer_tensor_name).
+inline constexpr char kAttnNorm[] = "input_layernorm.weight";
+inline constexpr char kMlpNorm[] = "post_attention_layernorm.weight";
+inline constexpr char kQ[] = "self_attn.q_proj.weight";
+inline constexpr char kK[] = "self_attn.k_proj.weight";
+inline constexpr char kV[] = "self_attn.v_proj.weight";
+inline constexpr char kO[] = "self_attn.o_proj.weight";
+inline constexpr char kGate[] = "mlp.gate_proj.weight";
+inline constexpr char kUp[] = "mlp.up_proj.weight";
+inline constexpr char kDown[] = "mlp.down_proj.weight";
+// The linear projections of a layer, in the order Llama::projection_names() lists them.
+inline constexpr const char* kProjections[] = {kQ, kK, kV, kO, kGate, kUp, kDown};
+}  // namespace tensor_name
+
+// "model.layers.<layer>.<leaf>".
 std::string layer_tensor_name(int64_t layer, const std::string& leaf);
 // Every tensor of a model with this config, by canonical name and shape, in a fixed order
 // (embeddings, each layer, final norm, classifier when untied).

@@ -26,10 +26,6 @@
 namespace edkm {
 namespace {
 
-const char* kProjections[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                              "self_attn.o_proj", "mlp.gate_proj",   "mlp.up_proj",
-                              "mlp.down_proj"};
-
 // Norms, softmax and the loss run in at least fp32 (fp64 stays fp64).
 at::ScalarType wide(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -63,6 +59,7 @@ struct Proj {
   at::Tensor operator()(const at::Tensor& x) const { return kernel ? kernel->forward(x) : at::linear(x, w); }
 };
 
+// A layer's tensors in one forward pass: the bound weights with this pass's overrides applied.
 struct LayerParams {
   at::Tensor attn_norm, mlp_norm;
   Proj q, k, v, o, gate, up, down;
@@ -174,6 +171,49 @@ Llama::Llama(LlamaConfig cfg, std::map<std::string, at::Tensor> weights, const s
       if (!known) throw_input("{}: unexpected tensor '{}' for this config", source, name);
     }
   }
+  bind();
+}
+
+Llama::Llama(const Llama& other) : cfg_(other.cfg_), weights_(other.weights_), kernels_(other.kernels_) { bind(); }
+
+Llama::Llama(Llama&& other) noexcept
+    : cfg_(std::move(other.cfg_)), weights_(std::move(other.weights_)), kernels_(std::move(other.kernels_)) {
+  bind();
+}
+
+Llama& Llama::operator=(const Llama& other) {
+  if (this != &other) {
+    cfg_ = other.cfg_;
+    weights_ = other.weights_;
+    kernels_ = other.kernels_;
+    bind();
+  }
+  return *this;
+}
+
+Llama& Llama::operator=(Llama&& other) noexcept {
+  cfg_ = std::move(other.cfg_);
+  weights_ = std::move(other.weights_);
+  kernels_ = std::move(other.kernels_);
+  bind();
+  return *this;
+}
+
+void Llama::bind() {
+  auto bound = [&](const std::string& name) {
+    auto k = kernels_.find(name);
+    return BoundWeight{name, &weights_.at(name), k == kernels_.end() ? nullptr : k->second};
+  };
+  namespace n = tensor_name;
+  embed_ = bound(n::kEmbed);
+  final_norm_ = bound(n::kFinalNorm);
+  classifier_ = bound(cfg_.tie_embeddings ? n::kEmbed : n::kLmHead);
+  layers_.clear();
+  for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+    auto leaf = [&](const char* name) { return bound(layer_tensor_name(l, name)); };
+    layers_.push_back({leaf(n::kAttnNorm), leaf(n::kQ), leaf(n::kK), leaf(n::kV), leaf(n::kO), leaf(n::kMlpNorm),
+                       leaf(n::kGate), leaf(n::kUp), leaf(n::kDown)});
+  }
 }
 
 Llama Llama::random(const LlamaConfig& cfg, at::ScalarType dtype, uint64_t seed) {
@@ -195,14 +235,14 @@ const at::Tensor& Llama::weight(const std::string& name) const {
 std::vector<std::string> Llama::projection_names() const {
   std::vector<std::string> names;
   for (int64_t l = 0; l < cfg_.n_layers; ++l)
-    for (const char* p : kProjections) names.push_back(layer_tensor_name(l, std::string(p) + ".weight"));
-  if (!cfg_.tie_embeddings) names.push_back("lm_head.weight");
-  names.push_back("model.embed_tokens.weight");
+    for (const char* p : tensor_name::kProjections) names.push_back(layer_tensor_name(l, p));
+  if (!cfg_.tie_embeddings) names.push_back(tensor_name::kLmHead);
+  names.push_back(tensor_name::kEmbed);
   return names;
 }
 
-at::ScalarType Llama::dtype() const { return weight("model.embed_tokens.weight").scalar_type(); }
-at::Device Llama::device() const { return weight("model.embed_tokens.weight").device(); }
+at::ScalarType Llama::dtype() const { return embed_.tensor->scalar_type(); }
+at::Device Llama::device() const { return embed_.tensor->device(); }
 
 // Kernel-served weights are storage-less stand-ins: casting or moving one would allocate it.
 void Llama::to(at::ScalarType dtype) {
@@ -218,22 +258,13 @@ void Llama::to(at::Device device) {
 void Llama::set_kernel(const std::string& name, std::shared_ptr<const LinearKernel> kernel) {
   weight(name);  // must exist
   kernels_[name] = std::move(kernel);
+  bind();
 }
 
 KVCache Llama::new_cache(int64_t batch, int64_t capacity) const {
-  auto opts = weight("model.embed_tokens.weight").options();
+  auto opts = embed_.tensor->options();
   std::vector<int64_t> shape{cfg_.n_layers, batch, cfg_.n_kv_heads, capacity, cfg_.head_dim()};
   return {at::zeros(shape, opts), at::zeros(shape, opts), 0};
-}
-
-at::Tensor Llama::proj(const std::string& name, const at::Tensor& x, const WeightOverrides* ov) const {
-  if (ov) {
-    auto it = ov->find(name);
-    if (it != ov->end()) return at::linear(x, it->second);
-  }
-  auto k = kernels_.find(name);
-  if (k != kernels_.end()) return k->second->forward(x);
-  return at::linear(x, weight(name));
 }
 
 at::Tensor Llama::forward(const at::Tensor& tokens, const ForwardOptions& opts) const {
@@ -257,29 +288,27 @@ at::Tensor Llama::run(const at::Tensor& tokens, const ForwardOptions& opts, KVCa
   if (pos + T > cfg_.max_seq_len)
     throw_invalid("sequence of {} tokens exceeds the model's context of {}", pos + T, cfg_.max_seq_len);
   const WeightOverrides* ov = opts.overrides;
-  auto w = [&](const std::string& name) -> const at::Tensor& {
+  // A weight's tensor in this pass (its override, if any), and a projection by kernel or matmul.
+  auto tensor = [&](const BoundWeight& b) -> const at::Tensor& {
     if (ov) {
-      auto it = ov->find(name);
+      auto it = ov->find(b.name);
       if (it != ov->end()) return it->second;
     }
-    return weight(name);
+    return *b.tensor;
   };
-  at::Tensor h = at::embedding(w("model.embed_tokens.weight"), tokens);
+  auto proj = [&](const BoundWeight& b) {
+    Proj p;
+    if (b.kernel && !(ov && ov->count(b.name))) p.kernel = b.kernel.get();
+    else p.w = tensor(b);
+    return p;
+  };
+  at::Tensor h = at::embedding(tensor(embed_), tokens);
   auto [cos, sin] = rope_tables(cfg_, pos, T, h.options());
 
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
-    auto proj_of = [&](const char* leaf) {
-      const std::string name = layer_tensor_name(l, std::string(leaf) + ".weight");
-      Proj p;
-      auto k = kernels_.find(name);
-      if (k != kernels_.end() && !(ov && ov->count(name))) p.kernel = k->second.get();
-      else p.w = w(name);
-      return p;
-    };
-    LayerParams p{w(layer_tensor_name(l, "input_layernorm.weight")), w(layer_tensor_name(l, "post_attention_layernorm.weight")),
-                  proj_of(kProjections[0]), proj_of(kProjections[1]), proj_of(kProjections[2]),
-                  proj_of(kProjections[3]), proj_of(kProjections[4]), proj_of(kProjections[5]),
-                  proj_of(kProjections[6])};
+    const LayerWeights& L = layers_[l];
+    LayerParams p{tensor(L.attn_norm), tensor(L.mlp_norm), proj(L.q),  proj(L.k),   proj(L.v),
+                  proj(L.o),           proj(L.gate),       proj(L.up), proj(L.down)};
     at::Tensor ck = cache ? cache->k[l] : at::Tensor(), cv = cache ? cache->v[l] : at::Tensor();
     const bool any_kernel = p.q.kernel || p.k.kernel || p.v.kernel || p.o.kernel || p.gate.kernel ||
                             p.up.kernel || p.down.kernel;
@@ -297,8 +326,8 @@ at::Tensor Llama::run(const at::Tensor& tokens, const ForwardOptions& opts, KVCa
       h = decoder_layer(cfg_, h, p, cos, sin, ck, cv, pos);
     }
   }
-  h = rms_norm(h, w("model.norm.weight"), cfg_.norm_eps);
-  return proj(cfg_.tie_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", h, ov);
+  h = rms_norm(h, tensor(final_norm_), cfg_.norm_eps);
+  return proj(classifier_)(h);
 }
 
 at::Tensor next_token_loss(const at::Tensor& logits, const at::Tensor& targets, at::Reduction::Reduction reduction) {

@@ -1,8 +1,8 @@
 // model: a LLaMA-family decoder in libtorch, with training forward (differentiable, optional
 // per-layer gradient checkpointing) and an inference path with a KV cache.
 //
-// Weights are kept by their Hugging Face names (model.layers.3.self_attn.q_proj.weight, ...)
-// in Hugging Face layout (rotary embeddings rotate the two halves of each head, "rotate_half";
+// Weights are kept by their Hugging Face names (model.layers.3.self_attn.q_proj.weight, ...;
+// model/config.h tensor_name) in Hugging Face layout (rotary embeddings rotate the two halves of each head, "rotate_half";
 // llama2.c / Meta checkpoints are permuted into it when loaded).
 #pragma once
 
@@ -43,18 +43,41 @@ struct KVCache {
   int64_t capacity() const { return k.size(3); }
 };
 
+// One weight of the decoder, bound once when the model is built: its name (the key of
+// WeightOverrides), its entry in Llama::weights() (map entries never move, so the pointer
+// follows every assignment to it), and the kernel that computes its products instead, if any.
+struct BoundWeight {
+  std::string name;
+  at::Tensor* tensor = nullptr;
+  std::shared_ptr<const LinearKernel> kernel;
+};
+
+// The tensors of one decoder layer (llama.cpp's llama_layer), by role.
+struct LayerWeights {
+  BoundWeight attn_norm, q, k, v, o;
+  BoundWeight mlp_norm, gate, up, down;
+};
+
 class Llama {
  public:
   // Checks that `weights` holds exactly the tensors of `cfg` (names and shapes); `source` names
   // the file in errors. Tensors are used as given (dtype and device).
   Llama(LlamaConfig cfg, std::map<std::string, at::Tensor> weights, const std::string& source);
+  // Copies and moves bind the typed views to the new object's own tensors.
+  Llama(const Llama& other);
+  Llama(Llama&& other) noexcept;
+  Llama& operator=(const Llama& other);
+  Llama& operator=(Llama&& other) noexcept;
 
   // Random initialisation (N(0, 0.02), norms 1) for tests and benchmarks.
   static Llama random(const LlamaConfig& cfg, at::ScalarType dtype, uint64_t seed);
 
   const LlamaConfig& config() const { return cfg_; }
+  // Every tensor by name. Entries may be assigned (training, loading a checkpoint), not added
+  // or erased: the typed views point at them.
   const std::map<std::string, at::Tensor>& weights() const { return weights_; }
   std::map<std::string, at::Tensor>& weights() { return weights_; }
+  const std::vector<LayerWeights>& layers() const { return layers_; }
   const at::Tensor& weight(const std::string& name) const;
   // The linear projections (q, k, v, o, gate, up, down of every layer), then the classifier
   // (lm_head, or the tied embedding) and the embedding table.
@@ -76,11 +99,14 @@ class Llama {
 
  private:
   at::Tensor run(const at::Tensor& tokens, const ForwardOptions& opts, KVCache* cache) const;
-  at::Tensor proj(const std::string& name, const at::Tensor& x, const WeightOverrides* ov) const;
+  // (Re)builds the typed views from weights_ and kernels_.
+  void bind();
 
   LlamaConfig cfg_;
   std::map<std::string, at::Tensor> weights_;
   std::unordered_map<std::string, std::shared_ptr<const LinearKernel>> kernels_;
+  BoundWeight embed_, final_norm_, classifier_;  // classifier_: lm_head, or the tied embedding
+  std::vector<LayerWeights> layers_;
 };
 
 // The target of a position that carries no loss (PyTorch's cross-entropy ignore_index).

@@ -17,76 +17,9 @@ bool is_projection(const std::string& name) {
   return std::regex_match(name, re);
 }
 
-bool is_embedding(const std::string& name) { return name == "model.embed_tokens.weight" || name == "lm_head.weight"; }
+bool is_embedding(const std::string& name) { return name == tensor_name::kEmbed || name == tensor_name::kLmHead; }
 
 }  // namespace
-
-void apply_dkm_json(DKMConfig& c, const nlohmann::json& j, const std::string& source) {
-  if (!j.is_object()) throw_input("{}: DKM settings must be a JSON object", source);
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    const std::string& k = it.key();
-    const auto& v = it.value();
-    // nlohmann's get<int>() truncates 3.7 to 3: integer settings must be written as integers.
-    auto integer = [&]() -> int64_t {
-      if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > INT32_MAX) ||
-          std::llabs(v.get<int64_t>()) > INT32_MAX)
-        throw_input("{}: setting '{}' must be an integer of at most 2^31 - 1, got {}", source, k, v.dump());
-      return v.get<int64_t>();
-    };
-    try {
-      if (k == "bits") c.bits = static_cast<int>(integer());
-      else if (k == "cluster_dim") c.cluster_dim = static_cast<int>(integer());
-      else if (k == "tau") c.tau = v.get<double>();
-      else if (k == "max_iters") c.max_iters = static_cast<int>(integer());
-      else if (k == "eps") c.eps = v.get<double>();
-      else if (k == "group_size") c.group_size = integer();
-      else if (k == "per_row_scale") c.per_row_scale = v.get<bool>();
-      else if (k == "cluster_dtype") c.cluster_dtype = parse_cluster_dtype(v.get<std::string>());
-      else if (k == "init") c.init = parse_palette_init(v.get<std::string>());
-      else if (k == "seed") {
-        if (!v.is_number_unsigned()) throw_input("{}: setting 'seed' must be a non-negative integer, got {}", source, v.dump());
-        c.seed = v.get<uint64_t>();
-      }
-      else if (k == "method") c.method = parse_dkm_method(v.get<std::string>());
-      else if (k == "zero_threshold") c.zero_threshold = v.get<double>();
-      else if (k == "prune_threshold") c.prune_threshold = v.get<double>();
-      else if (k == "kmeans_max_iters") c.kmeans_max_iters = static_cast<int>(integer());
-      else if (k == "marshal") c.marshal = v.get<bool>();
-      else if (k == "uniquify") c.uniquify = v.get<bool>();
-      else if (k == "shard") c.shard = v.get<bool>();
-      else throw_input("{}: unknown DKM setting '{}'", source, k);
-    } catch (const nlohmann::json::exception& e) {
-      throw_input("{}: setting '{}' has the wrong type: {}", source, k, e.what());
-    } catch (const std::invalid_argument& e) {
-      throw_input("{}: {}", source, e.what());
-    }
-  }
-  try {
-    c.validate();
-  } catch (const std::invalid_argument& e) {
-    throw_input("{}: {}", source, e.what());
-  }
-}
-
-nlohmann::json dkm_to_json(const DKMConfig& c) {
-  return {{"bits", c.bits},
-          {"cluster_dim", c.cluster_dim},
-          {"tau", c.tau},
-          {"max_iters", c.max_iters},
-          {"eps", c.eps},
-          {"group_size", c.group_size},
-          {"per_row_scale", c.per_row_scale},
-          {"cluster_dtype", to_string(c.cluster_dtype)},
-          {"init", to_string(c.init)},
-          {"seed", c.seed},
-          {"method", to_string(c.method)},
-          {"zero_threshold", c.zero_threshold},
-          {"prune_threshold", c.prune_threshold},
-          {"kmeans_max_iters", c.kmeans_max_iters},
-          {"marshal", c.marshal},
-          {"uniquify", c.uniquify},
-          {"shard", c.shard}};
-}
 
 void ClusteringPlan::apply_json(const nlohmann::json& j, const std::string& source) {
   if (!j.is_object()) throw_input("{}: the compression config must be a JSON object", source);

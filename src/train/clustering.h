@@ -3,7 +3,8 @@
 //
 // The plan comes from command-line defaults and an optional JSON file:
 //   {
-//     "bits": 3, "group_size": 0, ...             DKM settings for every clustered weight
+//     "bits": 3, "group_size": 0, ...             DKM settings (cluster/settings.h) for every
+//                                                 clustered weight
 //     "include_embeddings": false,                also cluster embed_tokens and lm_head
 //     "min_weights": 0,                           leave smaller matrices alone (coremltools: 2048)
 //     "rules": [                                  the first rule whose regex matches the whole
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "cluster/cluster.h"
+#include "cluster/settings.h"
 #include "model/llama.h"
 
 namespace edkm {
@@ -41,10 +43,6 @@ struct ClusteringPlan {
   // The weights to cluster and their settings; InputError if none is selected.
   std::vector<std::pair<std::string, DKMConfig>> resolve(const Llama& model) const;
 };
-
-// Reads DKMConfig fields from a JSON object into cfg (throws InputError naming source).
-void apply_dkm_json(DKMConfig& cfg, const nlohmann::json& j, const std::string& source);
-nlohmann::json dkm_to_json(const DKMConfig& cfg);
 
 struct ClusteredWeight {
   std::string name;

@@ -5,9 +5,9 @@
 //   - plain text (anything else): BOS + the text, cut into windows of seq_len + 1 tokens
 //     (inputs [0, L), targets [1, L]) with the loss on every token.
 // Held out for validation: for Alpaca, the last val_fraction of examples (in file order); for
-// plain text, the bytes from heldout_offset(text, val_fraction) on, tokenized on their own, so
-// that `edkm eval --heldout` and `edkm perplexity --heldout` score exactly the text that
-// training never saw.
+// plain text, the bytes from heldout_offset(text, val_fraction) on (common/text.h), tokenized on
+// their own, so that `edkm eval --heldout` and `edkm perplexity --heldout` score exactly the text
+// that training never saw.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -45,15 +45,6 @@ struct Dataset {
 
 // The Stanford Alpaca prompt (everything before the response).
 std::string alpaca_prompt(const std::string& instruction, const std::string& input);
-
-// Where the held-out tail of a plain text starts: the first line that begins at or after byte
-// (1 - fraction) * size, or that byte moved forward to a UTF-8 character boundary when no line
-// starts after it. fraction 0 gives text.size().
-size_t heldout_offset(const std::string& text, double fraction);
-
-// The text of `path` from heldout_offset(text, fraction) on (the whole file for fraction 0);
-// InputError when that leaves nothing to score.
-std::string read_heldout_text(const std::string& path, double fraction);
 
 // Reads and tokenizes a data file. InputError for a missing, malformed or empty file, or one
 // from which no training example survives.

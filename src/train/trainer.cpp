@@ -214,175 +214,264 @@ double evaluate(const Llama& model, const WeightOverrides* overrides, const std:
   return nll / std::max<int64_t>(1, n);
 }
 
-TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, const TrainOptions& o) {
-  if (o.batch < 1 || o.grad_accum < 1) throw_invalid("batch and grad_accum must be >= 1");
-  if (!(o.lr > 0)) throw_invalid("learning rate must be positive");
-  const int64_t n = static_cast<int64_t>(data.train.size());
-  const int world = o.dist ? o.dist->world() : 1, rank = o.dist ? o.dist->rank() : 0;
-  const bool main = rank == 0;
-  const int64_t per_step = o.batch * o.grad_accum * world;
-  TrainReport rep;
-  rep.total_steps = o.steps > 0 ? o.steps : (n + per_step - 1) / per_step;
-  const int pad = static_cast<int>(model.config().eos_id);
-  nlohmann::json fp = fingerprint(o, data, clustering, rep.total_steps);
-  fp["learners"] = world;
+namespace {
 
-  // Trainable leaves: matrices with weight decay, norms without.
-  std::vector<at::Tensor> decay, no_decay;
-  for (auto& [name, t] : model.weights()) {
-    t = t.detach().requires_grad_(true);
-    (is_matrix(name, t) && o.weight_decay > 0 ? decay : no_decay).push_back(t);
-  }
-  auto adam = torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.adam_eps);
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  if (!decay.empty()) groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(adam.weight_decay(o.weight_decay)));
-  groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(adam.weight_decay(0)));
-  torch::optim::AdamW optimizer(groups, adam);
-
-  if (o.resume) rep.start_step = load_checkpoint(o.checkpoint_path, model, clustering, optimizer, fp);
-  std::ofstream metrics;
-  if (!o.metrics_path.empty() && main) {
-    if (rep.start_step > 0) keep_metrics_until(o.metrics_path, rep.start_step);
-    metrics.open(o.metrics_path, rep.start_step > 0 ? std::ios::app : std::ios::trunc);
-    if (!metrics) throw_input("{}: cannot write the metrics file", o.metrics_path);
+// One run of train(): the state that lives across steps, and each part of a step as a method
+// of its own. A step (train() below) is
+//   micro_batches    this learner's examples of the step, and the step's loss-token count
+//   dkm_forward      soft-clustered weights w~ = DKM(w), once per step, and leaf copies of them
+//   accumulate       forward and backward of each micro-batch into the leaves and the weights
+//   reduce           gradients (and the loss) summed over the data-parallel learners
+//   dkm_backward     the leaves' gradients carried through DKM to the weights
+//   optimizer_step   gradient clipping and the AdamW update
+//   log              the metrics line, validation when due, the progress bar
+//   checkpoint       when due or when asked to stop
+class TrainingRun {
+ public:
+  TrainingRun(Llama& model, Clustering* clustering, const Dataset& data, const TrainOptions& o)
+      : model_(model), clustering_(clustering), data_(data), o_(o),
+        n_(static_cast<int64_t>(data.train.size())),
+        world_(o.dist ? o.dist->world() : 1), rank_(o.dist ? o.dist->rank() : 0),
+        per_step_(o.batch * o.grad_accum * world_), pad_(static_cast<int>(model.config().eos_id)),
+        optimizer_(make_optimizer()) {
+    rep_.total_steps = o.steps > 0 ? o.steps : (n_ + per_step_ - 1) / per_step_;
+    fingerprint_ = fingerprint(o, data, clustering, rep_.total_steps);
+    fingerprint_["learners"] = world_;
+    if (o.resume) rep_.start_step = load_checkpoint(o.checkpoint_path, model, clustering, *optimizer_, fingerprint_);
+    if (!o.metrics_path.empty() && main()) {
+      if (rep_.start_step > 0) keep_metrics_until(o.metrics_path, rep_.start_step);
+      metrics_.open(o.metrics_path, rep_.start_step > 0 ? std::ios::app : std::ios::trunc);
+      if (!metrics_) throw_input("{}: cannot write the metrics file", o.metrics_path);
+    }
   }
 
-  auto val_loss = [&] {
+  bool main() const { return rank_ == 0; }
+  TrainReport& report() { return rep_; }
+
+  // Validation loss of the model as trained (soft-clustered weights under DKM).
+  double val_loss() {
     WeightOverrides ov;
-    if (clustering) {
+    if (clustering_) {
       at::NoGradGuard ng;
-      ov = clustering->soft(model, /*advance=*/false);
+      ov = clustering_->soft(model_, /*advance=*/false);
     }
-    return evaluate(model, clustering ? &ov : nullptr, data.val, o.eval_batch, pad);
+    return evaluate(model_, clustering_ ? &ov : nullptr, data_.val, o_.eval_batch, pad_);
+  }
+
+  double set_learning_rate(int64_t step) {
+    const double lr = learning_rate(o_, step, rep_.total_steps);
+    for (auto& g : optimizer_->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+    return lr;
+  }
+
+  struct StepData {
+    std::vector<Batch> batches;  // this learner's micro-batches
+    int64_t loss_tokens = 0;     // of the whole step, over all learners: the loss's normaliser
   };
-  rep.val_loss_start = rep.val_loss_end = val_loss();
-  double last_val = rep.val_loss_start;
-  const bool validated = !data.val.empty();
-  auto val_text = [&](double v) { return validated ? fmt::format("{:.4f}", v) : std::string("none"); };
 
-  Progress bar(clustering ? "compress" : "fine-tune", rep.total_steps, o.quiet || !main);
-  bar.update(rep.start_step);
-  std::vector<int64_t> order;
-  int64_t order_epoch = -1;
-  for (int64_t step = rep.start_step; step < rep.total_steps; ++step) {
-    const double lr = learning_rate(o, step, rep.total_steps);
-    for (auto& g : optimizer.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
-
-    // This step's examples: positions [step * per_step, (step + 1) * per_step) of the sequence
-    // of epochs, each epoch in its own seeded order; this learner's micro-batches are
-    // rank * grad_accum .. of them. Every learner counts the whole step's loss tokens (the
-    // normaliser of the loss) from the data it holds.
-    auto example = [&](int64_t pos) {
-      if (pos / n != order_epoch) order = epoch_order(n, o.seed, order_epoch = pos / n);
-      return order[pos % n];
-    };
-    int64_t step_tokens = 0;
-    for (int64_t j = 0; j < per_step; ++j)
-      for (int v : data.train[example(step * per_step + j)].labels) step_tokens += v >= 0;
-    std::vector<Batch> batches;
-    for (int64_t m = 0; m < o.grad_accum; ++m) {
+  // This step's examples: positions [step * per_step, (step + 1) * per_step) of the sequence of
+  // epochs, each epoch in its own seeded order; this learner's micro-batches are
+  // rank * grad_accum .. of them. Every learner counts the whole step's loss tokens from the
+  // data it holds.
+  StepData micro_batches(int64_t step) {
+    StepData d;
+    for (int64_t j = 0; j < per_step_; ++j)
+      for (int v : data_.train[example(step * per_step_ + j)].labels) d.loss_tokens += v != kIgnoreIndex;
+    for (int64_t m = 0; m < o_.grad_accum; ++m) {
       std::vector<int64_t> idx;
-      for (int64_t k = 0; k < o.batch; ++k) idx.push_back(example(step * per_step + (rank * o.grad_accum + m) * o.batch + k));
-      batches.push_back(make_batch(data.train, idx, pad));
+      for (int64_t k = 0; k < o_.batch; ++k)
+        idx.push_back(example(step * per_step_ + (rank_ * o_.grad_accum + m) * o_.batch + k));
+      d.batches.push_back(make_batch(data_.train, idx, pad_));
     }
+    return d;
+  }
 
-    // DKM once per step; micro-batches accumulate into leaf copies of the soft weights, and one
-    // backward through DKM carries their gradients to the weights.
+  // DKM once per step. Micro-batches accumulate into leaf copies of the soft weights, so that
+  // one backward through DKM (dkm_backward) carries their summed gradients to the weights.
+  struct SoftWeights {
     WeightOverrides soft, leaves;
-    if (clustering) {
-      try {
-        soft = clustering->soft(model, /*advance=*/true);
-      } catch (const std::invalid_argument&) {
-        // DKM refuses non-finite weights: the previous step's update made them so.
-        const std::string weight = non_finite_weight(model, {});
-        if (!weight.empty()) throw_diverged(step + 1, weight + " after the previous step's update");
-        throw;
-      }
-      for (const auto& [name, w] : soft) leaves[name] = w.detach().requires_grad_(true);
+  };
+  SoftWeights dkm_forward(int64_t step) {
+    SoftWeights s;
+    if (!clustering_) return s;
+    try {
+      s.soft = clustering_->soft(model_, /*advance=*/true);
+    } catch (const std::invalid_argument&) {
+      // DKM refuses non-finite weights: the previous step's update made them so.
+      const std::string weight = non_finite_weight(model_, {});
+      if (!weight.empty()) throw_diverged(step + 1, weight + " after the previous step's update");
+      throw;
     }
+    for (const auto& [name, w] : s.soft) s.leaves[name] = w.detach().requires_grad_(true);
+    return s;
+  }
+
+  // Forward and backward of every micro-batch; returns the summed loss (nats).
+  double accumulate(const StepData& d, const SoftWeights& s, int64_t step) {
     double loss_sum = 0;
-    for (const Batch& b : batches) {
+    for (const Batch& b : d.batches) {
       ForwardOptions fo;
-      fo.overrides = clustering ? &leaves : nullptr;
-      fo.checkpoint_layers = o.checkpoint_layers;
-      at::Tensor logits = model.forward(b.tokens.to(model.device()), fo);
-      at::Tensor loss = next_token_loss(logits, b.labels.to(model.device()), at::Reduction::Sum);
+      fo.overrides = clustering_ ? &s.leaves : nullptr;
+      fo.checkpoint_layers = o_.checkpoint_layers;
+      at::Tensor logits = model_.forward(b.tokens.to(model_.device()), fo);
+      at::Tensor loss = next_token_loss(logits, b.labels.to(model_.device()), at::Reduction::Sum);
       const double loss_value = loss.item<double>();
       if (!std::isfinite(loss_value)) {
-        const std::string weight = non_finite_weight(model, leaves);
+        const std::string weight = non_finite_weight(model_, s.leaves);
         throw_diverged(step + 1, fmt::format("the loss is {} ({})", loss_value,
                                              weight.empty() ? "the weights are finite, the activations overflowed" : weight));
       }
       loss_sum += loss_value;
-      (loss / double(std::max<int64_t>(1, step_tokens))).backward();
+      (loss / double(std::max<int64_t>(1, d.loss_tokens))).backward();
     }
-    if (world > 1) {
-      // Sum over learners what the micro-batches produced: the soft weights' gradients (DKM's
-      // backward then runs on the sum, identically everywhere) and the unclustered weights'.
-      std::vector<at::Tensor> reduce;
-      auto add = [&](at::Tensor& t) {
-        if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
-        reduce.push_back(t.grad());
-      };
-      for (auto& [name, leaf] : leaves) add(leaf);
-      for (auto& [name, t] : model.weights())
-        if (!leaves.count(name)) add(t);
-      at::Tensor loss_t = at::full({1}, loss_sum, at::kDouble);
-      reduce.push_back(loss_t);
-      o.dist->allreduce_sum(reduce);
-      loss_sum = loss_t.item<double>();
-    }
-    if (clustering) {
-      std::vector<at::Tensor> outs, grads;
-      for (const auto& [name, w] : soft) {
-        const at::Tensor& g = leaves[name].grad();
-        if (!g.defined()) continue;
-        outs.push_back(w);
-        grads.push_back(g);
-      }
-      if (!outs.empty()) torch::autograd::backward(outs, grads);
-    }
-    if (o.grad_clip > 0) {
-      std::vector<at::Tensor> params;
-      for (auto& [name, t] : model.weights()) params.push_back(t);
-      torch::nn::utils::clip_grad_norm_(params, o.grad_clip);
-    }
-    optimizer.step();
-    optimizer.zero_grad();
+    return loss_sum;
+  }
 
-    const double loss = loss_sum / std::max<int64_t>(1, step_tokens);
-    rep.losses.push_back(loss);
-    rep.tokens += step_tokens;
-    rep.steps_done = step + 1 - rep.start_step;
-    const bool last = step + 1 == rep.total_steps;
-    nlohmann::json line = {{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"tokens", step_tokens},
-                           {"elapsed_s", bar.elapsed()}, {"rss_mb", current_rss_bytes() / 1048576.0}};
-    if (validated && ((o.eval_every > 0 && (step + 1) % o.eval_every == 0) || last)) {
-      last_val = val_loss();
-      line["val_loss"] = last_val;
+  // Sums over learners what the micro-batches produced: the soft weights' gradients (DKM's
+  // backward then runs on the sum, identically everywhere), the unclustered weights', and the
+  // loss, which is returned.
+  double reduce(SoftWeights& s, double loss_sum) {
+    if (world_ == 1) return loss_sum;
+    std::vector<at::Tensor> reduce;
+    auto add = [&](at::Tensor& t) {
+      if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
+      reduce.push_back(t.grad());
+    };
+    for (auto& [name, leaf] : s.leaves) add(leaf);
+    for (auto& [name, t] : model_.weights())
+      if (!s.leaves.count(name)) add(t);
+    at::Tensor loss_t = at::full({1}, loss_sum, at::kDouble);
+    reduce.push_back(loss_t);
+    o_.dist->allreduce_sum(reduce);
+    return loss_t.item<double>();
+  }
+
+  void dkm_backward(SoftWeights& s) {
+    std::vector<at::Tensor> outs, grads;
+    for (const auto& [name, w] : s.soft) {
+      const at::Tensor& g = s.leaves[name].grad();
+      if (!g.defined()) continue;
+      outs.push_back(w);
+      grads.push_back(g);
     }
-    if (metrics.is_open()) metrics << line.dump() << "\n" << std::flush;
-    bool stop = o.should_stop && o.should_stop();
-    if (world > 1) {  // one learner's Ctrl-C stops all of them after the same step
+    if (!outs.empty()) torch::autograd::backward(outs, grads);
+  }
+
+  void optimizer_step() {
+    if (o_.grad_clip > 0) {
+      std::vector<at::Tensor> params;
+      for (auto& [name, t] : model_.weights()) params.push_back(t);
+      torch::nn::utils::clip_grad_norm_(params, o_.grad_clip);
+    }
+    optimizer_->step();
+    optimizer_->zero_grad();
+  }
+
+  // Records step `step` (0-based): the metrics line, validation when due, the progress bar.
+  void log(int64_t step, double lr, double loss, int64_t loss_tokens, Progress& bar) {
+    rep_.losses.push_back(loss);
+    rep_.tokens += loss_tokens;
+    rep_.steps_done = step + 1 - rep_.start_step;
+    nlohmann::json line = {{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"tokens", loss_tokens},
+                           {"elapsed_s", bar.elapsed()}, {"rss_mb", current_rss_bytes() / 1048576.0}};
+    if (!data_.val.empty() && ((o_.eval_every > 0 && (step + 1) % o_.eval_every == 0) || last(step))) {
+      rep_.val_loss_end = val_loss();
+      line["val_loss"] = rep_.val_loss_end;
+    }
+    if (metrics_.is_open()) metrics_ << line.dump() << "\n" << std::flush;
+    const std::string val = data_.val.empty() ? std::string("none") : fmt::format("{:.4f}", rep_.val_loss_end);
+    bar.update(step + 1, fmt::format("loss {:.4f} val {} | {:.0f} tok/s | RSS {:.0f} MB", loss, val,
+                                     rep_.tokens / std::max(1e-9, bar.elapsed()), current_rss_bytes() / 1048576.0));
+  }
+
+  // Whether to stop after this step: a learner's should_stop() stops all of them after the
+  // same step.
+  bool stop_requested() {
+    bool stop = o_.should_stop && o_.should_stop();
+    if (world_ > 1) {
       at::Tensor flag = at::full({1}, stop ? 1.0f : 0.0f);
-      o.dist->allreduce_sum({flag});
+      o_.dist->allreduce_sum({flag});
       stop = flag.item<float>() > 0;
     }
-    if (!o.checkpoint_path.empty() && main &&
-        (stop || (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0)))
-      save_checkpoint(o.checkpoint_path, model, clustering, optimizer, step + 1, fp);
-    const double tps = rep.tokens / std::max(1e-9, bar.elapsed());
-    bar.update(step + 1, fmt::format("loss {:.4f} val {} | {:.0f} tok/s | RSS {:.0f} MB", loss, val_text(last_val), tps,
-                                     current_rss_bytes() / 1048576.0));
-    if (stop && !last) {
+    return stop;
+  }
+
+  void checkpoint(int64_t step, bool stop) {
+    if (!o_.checkpoint_path.empty() && main() &&
+        (stop || (o_.checkpoint_every > 0 && (step + 1) % o_.checkpoint_every == 0)))
+      save_checkpoint(o_.checkpoint_path, model_, clustering_, *optimizer_, step + 1, fingerprint_);
+  }
+
+  bool last(int64_t step) const { return step + 1 == rep_.total_steps; }
+
+ private:
+  // Trainable leaves: matrices with weight decay, norms without.
+  std::unique_ptr<torch::optim::AdamW> make_optimizer() {
+    std::vector<at::Tensor> decay, no_decay;
+    for (auto& [name, t] : model_.weights()) {
+      t = t.detach().requires_grad_(true);
+      (is_matrix(name, t) && o_.weight_decay > 0 ? decay : no_decay).push_back(t);
+    }
+    auto adam = torch::optim::AdamWOptions(o_.lr).betas({o_.beta1, o_.beta2}).eps(o_.adam_eps);
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    if (!decay.empty())
+      groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(adam.weight_decay(o_.weight_decay)));
+    groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(adam.weight_decay(0)));
+    return std::make_unique<torch::optim::AdamW>(groups, adam);
+  }
+
+  // The example at position pos of the sequence of epochs.
+  int64_t example(int64_t pos) {
+    if (pos / n_ != order_epoch_) order_ = epoch_order(n_, o_.seed, order_epoch_ = pos / n_);
+    return order_[pos % n_];
+  }
+
+  Llama& model_;
+  Clustering* clustering_;
+  const Dataset& data_;
+  const TrainOptions& o_;
+  const int64_t n_;
+  const int world_, rank_;
+  const int64_t per_step_;
+  const int pad_;
+  std::unique_ptr<torch::optim::AdamW> optimizer_;
+  TrainReport rep_;
+  nlohmann::json fingerprint_;
+  std::ofstream metrics_;
+  std::vector<int64_t> order_;
+  int64_t order_epoch_ = -1;
+};
+
+}  // namespace
+
+TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, const TrainOptions& o) {
+  if (o.batch < 1 || o.grad_accum < 1) throw_invalid("batch and grad_accum must be >= 1");
+  if (!(o.lr > 0)) throw_invalid("learning rate must be positive");
+  TrainingRun run(model, clustering, data, o);
+  TrainReport& rep = run.report();
+  rep.val_loss_start = rep.val_loss_end = run.val_loss();
+
+  Progress bar(clustering ? "compress" : "fine-tune", rep.total_steps, o.quiet || !run.main());
+  bar.update(rep.start_step);
+  for (int64_t step = rep.start_step; step < rep.total_steps; ++step) {
+    const double lr = run.set_learning_rate(step);
+    const auto batches = run.micro_batches(step);
+    auto soft = run.dkm_forward(step);
+    double loss_sum = run.accumulate(batches, soft, step);
+    loss_sum = run.reduce(soft, loss_sum);
+    if (clustering) run.dkm_backward(soft);
+    run.optimizer_step();
+    run.log(step, lr, loss_sum / std::max<int64_t>(1, batches.loss_tokens), batches.loss_tokens, bar);
+    const bool stop = run.stop_requested();
+    run.checkpoint(step, stop);
+    if (stop && !run.last(step)) {
       rep.interrupted = true;
       break;
     }
   }
-  rep.val_loss_end = last_val;
   rep.seconds = bar.elapsed();
-  bar.finish(validated ? fmt::format("val loss {:.4f} -> {:.4f}", rep.val_loss_start, rep.val_loss_end)
-                       : std::string("val loss none (nothing held out)"));
+  bar.finish(!data.val.empty() ? fmt::format("val loss {:.4f} -> {:.4f}", rep.val_loss_start, rep.val_loss_end)
+                               : std::string("val loss none (nothing held out)"));
   rep.peak_rss = peak_rss_bytes();
   for (auto& [name, t] : model.weights()) t = t.detach();
   return rep;

@@ -43,22 +43,20 @@ Llama load_llama2c(const std::string& path) {
   };
   if (h.version == 0) {
     // embeddings, attention norms, wq, wk, wv, wo, ffn norms, w1, w2, w3, final norm, RoPE, [cls]
-    w["model.embed_tokens.weight"] = take_f32(shape.at("model.embed_tokens.weight"));
+    w[tensor_name::kEmbed] = take_f32(shape.at(tensor_name::kEmbed));
     auto layers = [&](const std::string& leaf) {
       for (int64_t l = 0; l < c.n_layers; ++l) {
         std::string n = layer_tensor_name(l, leaf);
         w[n] = take_f32(shape.at(n));
       }
     };
-    layers("input_layernorm.weight");
-    for (const char* leaf : {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                             "self_attn.o_proj.weight"})
-      layers(leaf);
-    layers("post_attention_layernorm.weight");
-    for (const char* leaf : {"mlp.gate_proj.weight", "mlp.down_proj.weight", "mlp.up_proj.weight"}) layers(leaf);
-    w["model.norm.weight"] = take_f32({c.dim});
+    layers(tensor_name::kAttnNorm);
+    for (const char* leaf : {tensor_name::kQ, tensor_name::kK, tensor_name::kV, tensor_name::kO}) layers(leaf);
+    layers(tensor_name::kMlpNorm);
+    for (const char* leaf : {tensor_name::kGate, tensor_name::kDown, tensor_name::kUp}) layers(leaf);
+    w[tensor_name::kFinalNorm] = take_f32({c.dim});
     off += uint64_t(c.max_seq_len) * c.head_dim() * 4;  // RoPE tables: recomputed from theta
-    if (!h.shared_classifier) w["lm_head.weight"] = take_f32({c.vocab_size, c.dim});
+    if (!h.shared_classifier) w[tensor_name::kLmHead] = take_f32({c.vocab_size, c.dim});
   } else if (h.version == 1) {
     read_norms();
     for (const auto& n : mats) w[n] = take_f32(shape.at(n));
@@ -77,8 +75,8 @@ Llama load_llama2c(const std::string& path) {
     }
   }
   for (int64_t l = 0; l < c.n_layers; ++l) {
-    auto& wq = w[layer_tensor_name(l, "self_attn.q_proj.weight")];
-    auto& wk = w[layer_tensor_name(l, "self_attn.k_proj.weight")];
+    auto& wq = w[layer_tensor_name(l, tensor_name::kQ)];
+    auto& wk = w[layer_tensor_name(l, tensor_name::kK)];
     wq = meta_to_hf_rows(wq, c.n_heads);
     wk = meta_to_hf_rows(wk, c.n_kv_heads);
   }

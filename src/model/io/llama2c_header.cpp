@@ -13,10 +13,10 @@ struct Block {
   const char* leaf;  // HF name within a layer, or a full name for embeddings
   bool per_layer;
 };
-const Block kMatrices[] = {{"model.embed_tokens.weight", false}, {"self_attn.q_proj.weight", true},
-                           {"self_attn.k_proj.weight", true},    {"self_attn.v_proj.weight", true},
-                           {"self_attn.o_proj.weight", true},    {"mlp.gate_proj.weight", true},
-                           {"mlp.down_proj.weight", true},       {"mlp.up_proj.weight", true}};
+// In file order (llama2.c's w1, w2, w3 are gate, down, up).
+const Block kMatrices[] = {{tensor_name::kEmbed, false}, {tensor_name::kQ, true},    {tensor_name::kK, true},
+                           {tensor_name::kV, true},      {tensor_name::kO, true},    {tensor_name::kGate, true},
+                           {tensor_name::kDown, true},   {tensor_name::kUp, true}};
 
 std::vector<std::string> matrix_names(const LlamaConfig& c, bool shared) {
   std::vector<std::string> names;
@@ -25,14 +25,14 @@ std::vector<std::string> matrix_names(const LlamaConfig& c, bool shared) {
     else
       for (int64_t l = 0; l < c.n_layers; ++l) names.push_back(layer_tensor_name(l, b.leaf));
   }
-  if (!shared) names.push_back("lm_head.weight");
+  if (!shared) names.push_back(tensor_name::kLmHead);
   return names;
 }
 
 std::map<std::string, std::vector<int64_t>> shapes(const LlamaConfig& c) {
   const auto all = tensor_shapes(c);
   std::map<std::string, std::vector<int64_t>> m(all.begin(), all.end());
-  m["lm_head.weight"] = {c.vocab_size, c.dim};
+  m[tensor_name::kLmHead] = {c.vocab_size, c.dim};
   return m;
 }
 
@@ -44,9 +44,9 @@ int64_t numel(const std::vector<int64_t>& s) {
 
 std::vector<std::string> norm_names(const LlamaConfig& c) {
   std::vector<std::string> n;
-  for (int64_t l = 0; l < c.n_layers; ++l) n.push_back(layer_tensor_name(l, "input_layernorm.weight"));
-  for (int64_t l = 0; l < c.n_layers; ++l) n.push_back(layer_tensor_name(l, "post_attention_layernorm.weight"));
-  n.push_back("model.norm.weight");
+  for (int64_t l = 0; l < c.n_layers; ++l) n.push_back(layer_tensor_name(l, tensor_name::kAttnNorm));
+  for (int64_t l = 0; l < c.n_layers; ++l) n.push_back(layer_tensor_name(l, tensor_name::kMlpNorm));
+  n.push_back(tensor_name::kFinalNorm);
   return n;
 }
 

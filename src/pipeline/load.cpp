@@ -1,11 +1,11 @@
-#include "model/load.h"
+#include "pipeline/load.h"
 
 #include <filesystem>
 
 #include "common/error.h"
 #include "common/finite.h"
-#include "export/format.h"
-#include "export/lut_kernel.h"
+#include "format/format.h"
+#include "runtime/lut_kernel.h"
 #include "model/io/hf.h"
 #include "model/io/llama2c.h"
 

@@ -1,4 +1,4 @@
-// export: the compressed model file (docs/format.md has the byte-level specification).
+// format: the compressed model file (docs/format.md has the byte-level specification).
 //
 // A safetensors file, readable by any safetensors reader. Each clustered weight W is stored as
 //   W.indices  U8   [ceil(n * b / 8)]  n = rows * cols / d palette indices of b bits, packed

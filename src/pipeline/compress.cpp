@@ -1,11 +1,7 @@
-#include "train/compress.h"
+#include "pipeline/compress.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
 #include <filesystem>
 
 #include "common/atomic_file.h"
@@ -14,15 +10,6 @@
 namespace fs = std::filesystem;
 
 namespace edkm {
-
-void check_writable(const std::string& path) {
-  if (path.empty()) throw_input("no output path given");
-  const fs::path p(path);
-  if (fs::is_directory(p)) throw_input("{}: is a directory, expected a file name", path);
-  const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
-  if (!fs::is_directory(dir)) throw_input("{}: directory {} does not exist", path, dir.string());
-  if (::access(dir.c_str(), W_OK) != 0) throw_input("{}: cannot write to {}: {}", path, dir.string(), std::strerror(errno));
-}
 
 namespace {
 

@@ -1,4 +1,4 @@
-#include "export/size.h"
+#include "format/size.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -126,7 +126,7 @@ SizeReport size_from_config(const LlamaConfig& c, const SizePlan& plan) {
   SizeReport r;
   for (const auto& [name, shape] : tensor_shapes(c)) {
     TensorSize t{name, shape};
-    const bool emb = name == "model.embed_tokens.weight" || name == "lm_head.weight";
+    const bool emb = name == tensor_name::kEmbed || name == tensor_name::kLmHead;
     if (std::regex_match(name, proj) || (plan.include_embeddings && emb)) {
       if ((plan.group_size > 0 && shape[0] % plan.group_size) || shape[1] % plan.cluster_dim)
         throw_invalid("{} {}x{} does not split into groups of {} rows / vectors of {}", name, shape[0], shape[1],

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "export/format.h"
+#include "format/format.h"
 #include "model/config.h"
 
 namespace edkm {

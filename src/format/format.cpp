@@ -1,4 +1,4 @@
-#include "export/format.h"
+#include "format/format.h"
 
 #include <ATen/ATen.h>
 

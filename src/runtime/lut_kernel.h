@@ -12,7 +12,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "export/format.h"
+#include "format/format.h"
 #include "model/llama.h"
 
 namespace edkm {

@@ -6,7 +6,7 @@
 #include <set>
 
 #include "common/error.h"
-#include "export/format.h"
+#include "format/format.h"
 #include "model/io/safetensors.h"
 
 namespace edkm {

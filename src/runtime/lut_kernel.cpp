@@ -1,4 +1,4 @@
-#include "export/lut_kernel.h"
+#include "runtime/lut_kernel.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -102,6 +102,7 @@ __attribute__((target("avx2,fma"))) inline __m256 weights8(const uint8_t* q, __m
 // at a byte address, is spread over the lanes by variable shifts, and selects palette entries
 // with a permute (two for b = 4, whose 16 entries span two registers).
 __attribute__((target("avx2,fma"))) float dot_row_avx2(const RowArgs& a, int64_t r, const float* palette, const float* x) {
+  EDKM_ASSERT(a.bits >= 1 && a.bits <= 4);  // the palette fits the two registers (vectorised())
   alignas(32) float pal[16] = {0};
   std::memcpy(pal, palette, sizeof(float) << a.bits);
   const __m256 lo = _mm256_load_ps(pal), hi = _mm256_load_ps(pal + 8);
@@ -185,6 +186,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void dot_rows_avx512(cons
                                                                              const float* const* palettes,
                                                                              const float* x, float* out) {
   const int b = a.bits;
+  EDKM_ASSERT(b >= 1 && b <= 4);  // 2^b entries repeat to fill one register; vbmi_plan has b = 1..4
   __m512 table[R];
   for (int i = 0; i < R; ++i) {
     alignas(64) float pal[16];
@@ -306,7 +308,7 @@ Llama packed_llama(const CompressedModel& m, at::ScalarType dense_dtype) {
   std::vector<std::pair<std::string, std::shared_ptr<const LinearKernel>>> kernels;
   for (const auto& [name, t] : m.dense) w[name] = t.to(dense_dtype);
   for (const auto& [name, p] : m.packed) {
-    if (name == "model.embed_tokens.weight") {
+    if (name == tensor_name::kEmbed) {
       // Embedding lookups gather rows: decode the table (a tied classifier still multiplies
       // through the kernel).
       w[name] = p.dense(dense_dtype);
