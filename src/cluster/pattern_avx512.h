@@ -15,6 +15,9 @@
 #include <type_traits>
 
 namespace edkm::detail {
+// Internal linkage, as in the one file that includes this header: it leaves GCC free to
+// specialise the loops for their call sites (constant propagation), which the timings rely on.
+namespace {
 
 // The (weight, rounding) types these loops serve.
 template <typename W, typename R>
@@ -112,4 +115,5 @@ __attribute__((target("avx512f,avx512bw"))) int64_t patterns_avx512(const W* w, 
   return c;
 }
 
+}  // namespace
 }  // namespace edkm::detail

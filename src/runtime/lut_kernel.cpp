@@ -102,7 +102,6 @@ __attribute__((target("avx2,fma"))) inline __m256 weights8(const uint8_t* q, __m
 // at a byte address, is spread over the lanes by variable shifts, and selects palette entries
 // with a permute (two for b = 4, whose 16 entries span two registers).
 __attribute__((target("avx2,fma"))) float dot_row_avx2(const RowArgs& a, int64_t r, const float* palette, const float* x) {
-  EDKM_ASSERT(a.bits >= 1 && a.bits <= 4);  // the palette fits the two registers (vectorised())
   alignas(32) float pal[16] = {0};
   std::memcpy(pal, palette, sizeof(float) << a.bits);
   const __m256 lo = _mm256_load_ps(pal), hi = _mm256_load_ps(pal + 8);
@@ -186,7 +185,6 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void dot_rows_avx512(cons
                                                                              const float* const* palettes,
                                                                              const float* x, float* out) {
   const int b = a.bits;
-  EDKM_ASSERT(b >= 1 && b <= 4);  // 2^b entries repeat to fill one register; vbmi_plan has b = 1..4
   __m512 table[R];
   for (int i = 0; i < R; ++i) {
     alignas(64) float pal[16];
@@ -247,6 +245,9 @@ at::Tensor PalettizedLinear::matvec(const at::Tensor& xin) const {
   float* yp = y.data_ptr<float>();
   const bool vbmi = vectorised() && cpu_has_avx512_vbmi();
   const auto dot = !vectorised() ? dot_row : dot_row_avx2;
+  // The vectorised kernels hold a palette of at most 16 entries in registers (16-float buffers),
+  // and vbmi_plan() has plans for b = 1..4 only.
+  if (vectorised()) EDKM_ASSERT(w_.bits >= 1 && w_.bits <= 4);
   constexpr int kRows = 4;
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     const float* pals[kRows];
