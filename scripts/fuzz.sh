@@ -14,7 +14,7 @@ le64() {  # the little-endian 8-byte encoding of $1
   printf "$out"
 }
 corpus=build-fuzz/corpus
-rm -rf "$corpus" && mkdir -p "$corpus/safetensors" "$corpus/llama2c" "$corpus/compressed"
+rm -rf "$corpus" && mkdir -p "$corpus/safetensors" "$corpus/llama2c" "$corpus/compressed" "$corpus/tokenizer"
 json='{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"__metadata__":{"format":"pt"}}'
 { le64 ${#json}; printf '%s' "$json"; head -c 8 /dev/zero; } > "$corpus/safetensors/seed1"
 stories=$assets/models/stories260K/stories260K.bin
@@ -31,7 +31,22 @@ if [[ -x build/edkm ]]; then
     -o "$corpus/compressed/seed" --metrics build-fuzz/seed.metrics --checkpoint build-fuzz/seed.ckpt > /dev/null
 fi
 
-for target in safetensors llama2c compressed; do
+# tokenizer: two small tokenizer.json files, byte-level (a Split regex, ByteLevel) and
+# SentencePiece-style (Prepend and Replace, byte fallback), with the decoders that go with them.
+cat > "$corpus/tokenizer/byte_level" <<'JSON'
+{"added_tokens":[{"id":6,"content":"<|x|>","special":true}],"normalizer":{"type":"NFC"},
+ "pre_tokenizer":{"type":"Sequence","pretokenizers":[{"type":"Split","pattern":{"Regex":"(?i:'s)|\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"},"behavior":"Isolated","invert":false},{"type":"ByteLevel","add_prefix_space":false,"use_regex":false}]},
+ "post_processor":{"type":"TemplateProcessing","single":[{"SpecialToken":{"id":"<|x|>","type_id":0}},{"Sequence":{"id":"A","type_id":0}}],"special_tokens":{"<|x|>":{"id":"<|x|>","ids":[6]}}},
+ "decoder":{"type":"ByteLevel"},
+ "model":{"type":"BPE","vocab":{"H":0,"e":1,"l":2,"o":3,"He":4,"ll":5},"merges":["H e","l l"],"ignore_merges":true}}
+JSON
+cat > "$corpus/tokenizer/sentencepiece" <<'JSON'
+{"normalizer":{"type":"Sequence","normalizers":[{"type":"Prepend","prepend":"▁"},{"type":"Replace","pattern":{"String":" "},"content":"▁"}]},
+ "decoder":{"type":"Sequence","decoders":[{"type":"Replace","pattern":{"String":"▁"},"content":" "},{"type":"ByteFallback"},{"type":"Fuse"},{"type":"Strip","content":" ","start":1,"stop":0}]},
+ "model":{"type":"BPE","unk_token":"<unk>","fuse_unk":true,"byte_fallback":false,"vocab":{"<unk>":0,"▁":1,"H":2,"i":3,"▁H":4,"▁Hi":5},"merges":["▁ H","▁H i"]}}
+JSON
+
+for target in safetensors llama2c compressed tokenizer; do
   echo "fuzz: $target for ${seconds}s"
   ./build-fuzz/fuzz_$target -max_total_time="$seconds" -print_final_stats=1 -artifact_prefix=build-fuzz/crash-$target- \
     "$corpus/$target" 2>&1 | tail -n 4

@@ -8,7 +8,7 @@ packages=(
   build-essential cmake ninja-build pkg-config
   libtorch-dev libgloo-dev libopenblas0-openmp
   libsentencepiece-dev libcli11-dev nlohmann-json3-dev libfmt-dev
-  libbz2-dev libxxhash-dev libgtest-dev libgmock-dev libbenchmark-dev gnuplot-nox clang
+  libpcre2-dev libutf8proc-dev libbz2-dev libxxhash-dev libgtest-dev libgmock-dev libbenchmark-dev gnuplot-nox clang
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -197,4 +197,24 @@ nlohmann::json to_json(const MemoryBenchRow& r);
 MemoryBenchRow row_from_json(const nlohmann::json& j);
 nlohmann::json to_json(const MemoryBenchResult& r);
 
+// `edkm bench tokenizer`: encode tokens/s of each tokenizer on one text (one thread).
+struct TokenizerBenchOptions {
+  std::vector<std::string> tokenizers;  // tokenizer files
+  std::string text;
+  int reps = 3;
+};
+struct TokenizerBenchRow {
+  std::string tokenizer;
+  int64_t tokens = 0;
+  double seconds = 0;  // best of the rounds
+};
+struct TokenizerBenchResult {
+  std::string text;
+  int64_t bytes = 0;
+  std::vector<TokenizerBenchRow> rows;
+  std::string table() const;
+};
+TokenizerBenchResult run_tokenizer_bench(const TokenizerBenchOptions& opts);
+nlohmann::json to_json(const TokenizerBenchResult& r);
+
 }  // namespace edkm::bench

@@ -47,6 +47,21 @@ void register_bench(CLI::App& app) {
     print(*json, r, [](const auto& x) { return bench::format_table(x); });
   });
 
+  auto* tok = bench->add_subcommand("tokenizer", "Encode tokens/s of tokenizers on one text (one thread)");
+  auto tokopts = std::make_shared<bench::TokenizerBenchOptions>();
+  auto tokjson = std::make_shared<bool>(false);
+  tokopts->text = std::string(EDKM_DEFAULT_ASSETS) + "/eval/wikitext2/wiki.test.raw";
+  for (const char* t : {"llama2", "llama3_1", "qwen3"})
+    tokopts->tokenizers.push_back(std::string(EDKM_DEFAULT_ASSETS) + "/tokenizers/" + t + "/tokenizer.json");
+  tok->add_option("--tokenizer", tokopts->tokenizers, "Tokenizer files (default: the three tokenizer.json assets)");
+  tok->add_option("--text", tokopts->text, "Text to encode (default: WikiText-2's test file)");
+  tok->add_option("--reps", tokopts->reps, "Rounds (the best is reported)")->check(CLI::Range(1, 100));
+  tok->add_flag("--json", *tokjson, "Print the results as JSON");
+  add_runner(tok, [tokopts, tokjson] {
+    bench::TokenizerBenchResult r = bench::run_tokenizer_bench(*tokopts);
+    print(*tokjson, r, [](const auto& x) { return x.table(); });
+  });
+
   auto* model = bench->add_subcommand("model", "Training-step tokens/s: a 4-layer dim-512 LLaMA and stories260K, fp32 vs bf16");
   auto mopts = std::make_shared<bench::ModelBenchOptions>();
   mopts->stories260k = std::string(EDKM_DEFAULT_ASSETS) + "/models/stories260K/stories260K.bin";

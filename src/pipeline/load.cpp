@@ -29,7 +29,7 @@ LoadedModel load_model(const std::string& path, const std::string& tokenizer, bo
   std::string tok = tokenizer;
   if (tok.empty()) {
     const fs::path base = dir ? fs::path(path) : fs::path(path).parent_path();
-    std::vector<std::string> names = {"tokenizer.model", "tokenizer.bin"};
+    std::vector<std::string> names = {"tokenizer.json", "tokenizer.model", "tokenizer.bin"};
     if (!dir) names = {"tokenizer.bin", "tok" + std::to_string(vocab) + ".bin", "tokenizer.model"};
     for (const auto& n : names)
       if (fs::exists(base / n)) {
@@ -43,7 +43,8 @@ LoadedModel load_model(const std::string& path, const std::string& tokenizer, bo
     if (out.tokenizer->vocab_size() != vocab)
       throw_input("{}: tokenizer has {} tokens but the model {} has {}", tok, out.tokenizer->vocab_size(), path, vocab);
   } else if (require_tokenizer) {
-    throw_input("{}: no tokenizer found (looked for tokenizer.model / tokenizer.bin{}); pass --tokenizer", path,
+    throw_input("{}: no tokenizer found (looked for {}tokenizer.model / tokenizer.bin{}); pass --tokenizer", path,
+                dir ? "tokenizer.json / " : "",
                 dir ? "" : fmt::format(" / tok{}.bin beside it", vocab));
   }
   return out;

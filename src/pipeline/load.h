@@ -18,7 +18,7 @@ struct LoadedModel {
 // compressed model (its projections computed from the packed indices by PalettizedLinear;
 // its embedded tokenizer is used unless one is given).
 // tokenizer: an explicit tokenizer file; otherwise one is looked for in the model directory
-// (tokenizer.model, tokenizer.bin) or beside a .bin checkpoint (tokenizer.bin, tok<vocab>.bin,
+// (tokenizer.json, tokenizer.model, tokenizer.bin) or beside a .bin checkpoint (tokenizer.bin, tok<vocab>.bin,
 // tokenizer.model). With require_tokenizer, not finding one is an InputError.
 LoadedModel load_model(const std::string& path, const std::string& tokenizer = "",
                        bool require_tokenizer = true);

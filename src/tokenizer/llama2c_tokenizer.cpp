@@ -130,6 +130,15 @@ std::unique_ptr<Tokenizer> llama2c_tokenizer(std::string data, const std::string
   return std::make_unique<Llama2cTokenizer>(std::move(data), name, vocab_size);
 }
 
+std::string Tokenizer::file_name() const {
+  switch (kind()) {
+    case Kind::kSentencePiece: return "tokenizer.model";
+    case Kind::kHuggingFace: return "tokenizer.json";
+    case Kind::kLlama2c: break;
+  }
+  return "tokenizer.bin";
+}
+
 std::string Tokenizer::decode(const std::vector<int>& tokens) const {
   std::string out;
   int prev = -1;

@@ -145,6 +145,8 @@ std::unique_ptr<Tokenizer> tokenizer_from_bytes(std::string data, const std::str
   // starts with the byte 0x0A; a tokenizer.bin starts with a small int32 max_token_length,
   // whose first byte is never 0x0A for real vocabularies (lengths 10 and 266.. aside, which
   // the .bin extension settles).
+  const size_t first = data.find_first_not_of(" \t\r\n");
+  if (first != std::string::npos && data[first] == '{') return hf_tokenizer(std::move(data), name);
   const bool bin_name = std::filesystem::path(name).extension() == ".bin";
   if (!data.empty() && data[0] == 0x0A && !bin_name) return sentencepiece_tokenizer(std::move(data), name);
   return llama2c_tokenizer(std::move(data), name, vocab_size);
@@ -152,7 +154,10 @@ std::unique_ptr<Tokenizer> tokenizer_from_bytes(std::string data, const std::str
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path, int vocab_size) {
   if (!std::filesystem::exists(path)) throw_input("{}: tokenizer file not found", path);
-  return tokenizer_from_bytes(read_file(path), path, vocab_size);
+  std::string data = read_file(path);
+  const size_t first = data.find_first_not_of(" \t\r\n");
+  if (first != std::string::npos && data[first] == '{') return hf_tokenizer(std::move(data), path, hf_eos_token(path));
+  return tokenizer_from_bytes(std::move(data), path, vocab_size);
 }
 
 }  // namespace edkm

@@ -1,6 +1,9 @@
 // tokenizer: text <-> token ids for LLaMA-family models.
 //   - llama2.c tokenizer.bin (score-ordered BPE with byte fallback), e.g. stories260K's tok512.bin
 //   - SentencePiece .model files (the Llama-2 tokenizer), through libsentencepiece
+//   - Hugging Face tokenizer.json with a BPE model: byte-level (Llama-3, Qwen2/3, SmolLM2, GPT-2)
+//     or SentencePiece-style (Llama-2, Mistral, TinyLlama), as the `tokenizers` library encodes
+//     them (hf_tokenizer.cpp)
 #pragma once
 
 #include <memory>
@@ -22,14 +25,14 @@ class Tokenizer {
   virtual int bos_id() const { return 1; }
   virtual int eos_id() const { return 2; }
 
-  enum class Kind { kLlama2c, kSentencePiece };
+  enum class Kind { kLlama2c, kSentencePiece, kHuggingFace };
   virtual Kind kind() const = 0;
   // Where it came from (a path, or the file it was embedded in), and the tokenizer file's
   // bytes, which exported models carry.
   const std::string& name() const { return name_; }
   const std::string& data() const { return data_; }
-  // The conventional file name: tokenizer.model or tokenizer.bin.
-  std::string file_name() const { return kind() == Kind::kSentencePiece ? "tokenizer.model" : "tokenizer.bin"; }
+  // The conventional file name: tokenizer.model, tokenizer.bin or tokenizer.json.
+  std::string file_name() const;
 
   // Concatenated pieces, BOS and EOS dropped.
   std::string decode(const std::vector<int>& tokens) const;
@@ -41,7 +44,8 @@ class Tokenizer {
   std::string name_, data_;
 };
 
-// By content: a SentencePiece model (protobuf) or a llama2.c tokenizer.bin. vocab_size: how
+// By content: a tokenizer.json (JSON), a SentencePiece model (protobuf) or a llama2.c
+// tokenizer.bin. A tokenizer.json's EOS is the eos_token of the tokenizer_config.json beside it. vocab_size: how
 // many entries a tokenizer.bin must hold (its format does not say); 0 = read all.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path, int vocab_size = 0);
 // The same from a file's bytes; `name` appears in error messages.
@@ -49,5 +53,9 @@ std::unique_ptr<Tokenizer> tokenizer_from_bytes(std::string data, const std::str
 
 std::unique_ptr<Tokenizer> llama2c_tokenizer(std::string data, const std::string& name, int vocab_size = 0);
 std::unique_ptr<Tokenizer> sentencepiece_tokenizer(std::string data, const std::string& name);
+// eos_token: the EOS's text ("" = none known: encode(eos = true) adds nothing).
+std::unique_ptr<Tokenizer> hf_tokenizer(std::string data, const std::string& name, const std::string& eos_token = "");
+// The eos_token of the tokenizer_config.json beside a tokenizer.json ("" when there is none).
+std::string hf_eos_token(const std::string& tokenizer_json_path);
 
 }  // namespace edkm
