@@ -70,9 +70,20 @@ std::string utf8_encode(uint32_t cp) {
   return s;
 }
 
+// Every occurrence of `from` replaced, in one pass (replacing in place would move the rest of
+// the string at each occurrence: quadratic in a long text).
 void replace_all(std::string& s, const std::string& from, const std::string& to) {
-  if (from.empty()) return;
-  for (size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size())) s.replace(at, from.size(), to);
+  if (from.empty() || s.find(from) == std::string::npos) return;
+  std::string out;
+  out.reserve(s.size() + s.size() / 4 * (to.size() > from.size() ? to.size() - from.size() : 0));
+  size_t last = 0;
+  for (size_t at = s.find(from); at != std::string::npos; at = s.find(from, last)) {
+    out.append(s, last, at - last);
+    out += to;
+    last = at + from.size();
+  }
+  out.append(s, last, std::string::npos);
+  s = std::move(out);
 }
 
 // GPT-2's map from bytes to printable characters: the printable Latin-1 bytes stand for
@@ -544,7 +555,8 @@ class HfTokenizer final : public Tokenizer {
         return;
       }
     }
-    {
+    const bool cacheable = word.size() < kCacheWordBytes;
+    if (cacheable) {
       std::lock_guard<std::mutex> lock(cache_mu_);
       auto it = cache_.find(word);
       if (it != cache_.end()) {
@@ -594,11 +606,14 @@ class HfTokenizer final : public Tokenizer {
     std::vector<int> out;
     for (int i = n > 0 ? 0 : -1; i >= 0; i = next[i]) out.push_back(sym[i]);
     ids.insert(ids.end(), out.begin(), out.end());
+    if (!cacheable) return;
     std::lock_guard<std::mutex> lock(cache_mu_);
     if (cache_.size() < kCacheWords) cache_.emplace(word, std::move(out));
   }
 
+  // The word cache: words shorter than 256 bytes (as `tokenizers` caches), at most 2^18 of them.
   static constexpr size_t kCacheWords = 1 << 18;
+  static constexpr size_t kCacheWordBytes = 256;
 
   std::vector<std::string> tokens_;  // by id
   std::vector<bool> assigned_;
