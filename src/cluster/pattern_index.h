@@ -30,8 +30,8 @@ class PatternIndex : public ValueIndex {
                at::ScalarType rounding);
 
   // From the histogram (on any device): the patterns that occur, their rows in the [G * U]
-  // tables, their decoded values and their counts. InputError-style std::invalid_argument for
-  // patterns that are NaN or Inf.
+  // tables, their decoded values and their counts. Throws std::invalid_argument
+  // (throw_nonfinite) for patterns that are NaN or Inf.
   void build_tables(const at::Tensor& hist);
   // A [G, U, ...] per-value table laid out per pattern: [G * 65536] (absent patterns: 0).
   at::Tensor spread(const at::Tensor& table) const;

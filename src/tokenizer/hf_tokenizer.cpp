@@ -31,6 +31,7 @@
 #include <mutex>
 #include <queue>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "common/atomic_file.h"
 #include "common/error.h"
@@ -75,7 +76,6 @@ std::string utf8_encode(uint32_t cp) {
 void replace_all(std::string& s, const std::string& from, const std::string& to) {
   if (from.empty() || s.find(from) == std::string::npos) return;
   std::string out;
-  out.reserve(s.size() + s.size() / 4 * (to.size() > from.size() ? to.size() - from.size() : 0));
   size_t last = 0;
   for (size_t at = s.find(from); at != std::string::npos; at = s.find(from, last)) {
     out.append(s, last, at - last);
@@ -164,8 +164,18 @@ std::string type_of(const json& j, const std::string& where) {
   return j["type"].get<std::string>();
 }
 
+// A component of type Sequence holds its parts in `list_key`: calls read(part, where) for each
+// and returns true. Any other type returns false, for the caller to read.
+template <typename Read>
+bool read_sequence(const json& j, const std::string& where, const char* list_key, Read&& read) {
+  if (type_of(j, where) != "Sequence") return false;
+  const json& list = j.at(list_key);
+  for (size_t i = 0; i < list.size(); ++i) read(list[i], fmt::format("{}.{}[{}]", where, list_key, i));
+  return true;
+}
+
 // ----------------------------------------------------------------------------------------------
-// Normalizers and pre-tokenizers, flattened into lists of steps.
+// Normalizers, pre-tokenizers and decoders, flattened into lists of steps.
 
 struct NormalizeStep {
   enum Kind { kNFC, kPrepend, kReplace } kind;
@@ -174,11 +184,10 @@ struct NormalizeStep {
 
 void read_normalizer(const json& j, const std::string& where, std::vector<NormalizeStep>& out) {
   if (j.is_null()) return;
+  if (read_sequence(j, where, "normalizers", [&](const json& part, const std::string& w) { read_normalizer(part, w, out); }))
+    return;
   const std::string t = type_of(j, where);
-  if (t == "Sequence") {
-    const json& list = j.at("normalizers");
-    for (size_t i = 0; i < list.size(); ++i) read_normalizer(list[i], fmt::format("{}.normalizers[{}]", where, i), out);
-  } else if (t == "NFC") {
+  if (t == "NFC") {
     out.push_back({NormalizeStep::kNFC, "", ""});
   } else if (t == "Prepend") {
     out.push_back({NormalizeStep::kPrepend, j.at("prepend").get<std::string>(), ""});
@@ -213,11 +222,10 @@ struct PreTokenizeStep {
 
 void read_pre_tokenizer(const json& j, const std::string& where, std::vector<PreTokenizeStep>& out) {
   if (j.is_null()) return;
+  if (read_sequence(j, where, "pretokenizers", [&](const json& part, const std::string& w) { read_pre_tokenizer(part, w, out); }))
+    return;
   const std::string t = type_of(j, where);
-  if (t == "Sequence") {
-    const json& list = j.at("pretokenizers");
-    for (size_t i = 0; i < list.size(); ++i) read_pre_tokenizer(list[i], fmt::format("{}.pretokenizers[{}]", where, i), out);
-  } else if (t == "Split") {
+  if (t == "Split") {
     PreTokenizeStep s{PreTokenizeStep::kSplit};
     const json& p = j.at("pattern");
     const std::string pattern = p.contains("Regex") ? p["Regex"].get<std::string>() : string_pattern(p, where + ".pattern");
@@ -256,11 +264,10 @@ struct DecodeStep {
 
 void read_decoder(const json& j, const std::string& where, std::vector<DecodeStep>& out) {
   if (j.is_null()) return;
+  if (read_sequence(j, where, "decoders", [&](const json& part, const std::string& w) { read_decoder(part, w, out); }))
+    return;
   const std::string t = type_of(j, where);
-  if (t == "Sequence") {
-    const json& list = j.at("decoders");
-    for (size_t i = 0; i < list.size(); ++i) read_decoder(list[i], fmt::format("{}.decoders[{}]", where, i), out);
-  } else if (t == "ByteLevel") {
+  if (t == "ByteLevel") {
     out.push_back({DecodeStep::kByteLevel});
   } else if (t == "Replace") {
     out.push_back({DecodeStep::kReplace, string_pattern(j.at("pattern"), where + ".pattern"), j.at("content").get<std::string>()});
@@ -320,11 +327,17 @@ class HfTokenizer final : public Tokenizer {
       if (end > begin) encode_segment(text.substr(begin, end - begin), first, ids);
       first = false;
     };
+    // Where each added token next occurs: searched again only once `at` has passed it, so that
+    // the text is scanned once per added token, not once per match.
+    std::vector<size_t> found(added_.size());
+    for (size_t i = 0; i < added_.size(); ++i) found[i] = text.find(added_[i].content);
     while (at < text.size()) {
       size_t best_pos = std::string::npos, best_len = 0;
       const AddedToken* best = nullptr;
-      for (const AddedToken& t : added_) {
-        const size_t p = text.find(t.content, at);
+      for (size_t i = 0; i < added_.size(); ++i) {
+        const AddedToken& t = added_[i];
+        if (found[i] != std::string::npos && found[i] < at) found[i] = text.find(t.content, at);
+        const size_t p = found[i];
         if (p == std::string::npos) continue;
         if (p < best_pos || (p == best_pos && t.content.size() > best_len)) best_pos = p, best_len = t.content.size(), best = &t;
       }
@@ -403,7 +416,7 @@ class HfTokenizer final : public Tokenizer {
       if (a.value("single_word", false)) throw_input("{}: added token '{}': single_word is not supported", name, t.content);
       if (t.content.empty()) throw_input("{}: an added token (id {}) is empty", name, t.id);
       set_token(t.id, t.content, name);
-      added_ids_.insert({t.id, true});
+      added_ids_.insert(t.id);
       added_.push_back(std::move(t));
     }
     for (size_t i = 0; i < tokens_.size(); ++i)
@@ -443,20 +456,15 @@ class HfTokenizer final : public Tokenizer {
     read_pre_tokenizer(j.value("pre_tokenizer", json()), name + ": pre_tokenizer", pre_tokenizers_);
     read_decoder(j.value("decoder", json()), name + ": decoder", decoders_);
     read_post_processor(j.value("post_processor", json()), name + ": post_processor");
-    // Longest added tokens first, so that the search above prefers them on equal positions.
-    std::stable_sort(added_.begin(), added_.end(), [](const AddedToken& x, const AddedToken& y) {
-      return x.content.size() > y.content.size();
-    });
   }
 
   // The BOS is the special token that TemplateProcessing puts before a single sequence.
   void read_post_processor(const json& j, const std::string& where) {
     if (j.is_null()) return;
+    if (read_sequence(j, where, "processors", [&](const json& part, const std::string& w) { read_post_processor(part, w); }))
+      return;
     const std::string t = type_of(j, where);
-    if (t == "Sequence") {
-      const json& list = j.at("processors");
-      for (size_t i = 0; i < list.size(); ++i) read_post_processor(list[i], fmt::format("{}.processors[{}]", where, i));
-    } else if (t == "TemplateProcessing") {
+    if (t == "TemplateProcessing") {
       const json& single = j.at("single");
       for (size_t i = 0; i < single.size(); ++i) {
         if (single[i].contains("Sequence")) continue;
@@ -620,7 +628,7 @@ class HfTokenizer final : public Tokenizer {
   std::unordered_map<std::string, int> vocab_;
   std::unordered_map<uint64_t, std::pair<int, int>> merges_;  // (left, right) -> (rank, merged id)
   std::vector<AddedToken> added_;
-  std::unordered_map<int, bool> added_ids_;
+  std::unordered_set<int> added_ids_;
   std::vector<NormalizeStep> normalizers_;
   std::vector<PreTokenizeStep> pre_tokenizers_;
   std::vector<DecodeStep> decoders_;

@@ -140,13 +140,22 @@ std::unique_ptr<Tokenizer> sentencepiece_tokenizer(std::string data, const std::
   return std::make_unique<SentencePieceTokenizer>(std::move(data), name);
 }
 
+namespace {
+
+// A tokenizer.json: a JSON object (no other tokenizer file starts with '{' after whitespace).
+bool is_tokenizer_json(const std::string& data) {
+  const size_t first = data.find_first_not_of(" \t\r\n");
+  return first != std::string::npos && data[first] == '{';
+}
+
+}  // namespace
+
 std::unique_ptr<Tokenizer> tokenizer_from_bytes(std::string data, const std::string& name, int vocab_size) {
   // A SentencePiece model is a protobuf whose first field (pieces, field 1, length-delimited)
   // starts with the byte 0x0A; a tokenizer.bin starts with a small int32 max_token_length,
   // whose first byte is never 0x0A for real vocabularies (lengths 10 and 266.. aside, which
   // the .bin extension settles).
-  const size_t first = data.find_first_not_of(" \t\r\n");
-  if (first != std::string::npos && data[first] == '{') return hf_tokenizer(std::move(data), name);
+  if (is_tokenizer_json(data)) return hf_tokenizer(std::move(data), name);
   const bool bin_name = std::filesystem::path(name).extension() == ".bin";
   if (!data.empty() && data[0] == 0x0A && !bin_name) return sentencepiece_tokenizer(std::move(data), name);
   return llama2c_tokenizer(std::move(data), name, vocab_size);
@@ -155,8 +164,7 @@ std::unique_ptr<Tokenizer> tokenizer_from_bytes(std::string data, const std::str
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path, int vocab_size) {
   if (!std::filesystem::exists(path)) throw_input("{}: tokenizer file not found", path);
   std::string data = read_file(path);
-  const size_t first = data.find_first_not_of(" \t\r\n");
-  if (first != std::string::npos && data[first] == '{') return hf_tokenizer(std::move(data), path, hf_eos_token(path));
+  if (is_tokenizer_json(data)) return hf_tokenizer(std::move(data), path, hf_eos_token(path));
   return tokenizer_from_bytes(std::move(data), path, vocab_size);
 }
 
