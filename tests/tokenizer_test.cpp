@@ -102,6 +102,14 @@ TEST(HfTokenizer, BadFilesNameTheFileAndTheField) {
                "model.merges[5] ('Ġ' + 'notatoken'): token 'notatoken' is not in the vocabulary");
   expect_error("norm", [](auto& j) { j["normalizer"] = {{"type", "NFKD"}}; }, "normalizer type 'NFKD' is not supported");
   expect_error("gap", [](auto& j) { j["model"]["vocab"].erase("Ġthe"); }, "no token has id");
+  // Ids that are not integers in range (a float far beyond int was undefined behaviour, found
+  // by fuzz/fuzz_tokenizer.cpp).
+  expect_error("float_id", [](auto& j) { j["model"]["vocab"]["Ġthe"] = 4.2e41; },
+               "token 'Ġthe' has id 4.2e+41, expected an integer in 0..16777216");
+  expect_error("bos_id", [](auto& j) { j["post_processor"]["processors"][1]["special_tokens"]["<|begin_of_text|>"]["ids"][0] = 300000; },
+               "post_processor: the BOS id 300000 is not in the vocabulary");
+  expect_error("strip", [](auto& j) { j["decoder"] = {{"type", "Strip"}, {"content", " "}, {"start", 1.5}}; },
+               "decoder.start: expected an integer in 0..65536, got 1.5");
   write_file_atomic(tmp / "broken.json", "{\"model\": ");
   EXPECT_THROW(load_tokenizer(tmp / "broken.json"), InputError);
 }

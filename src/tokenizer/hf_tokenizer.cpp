@@ -159,6 +159,17 @@ std::string string_pattern(const json& p, const std::string& where) {
   throw_input("{}: only {{\"String\": ...}} patterns are supported here, got {}", where, p.dump());
 }
 
+// Whether v is an integer in 0..max. nlohmann's get<int>() of a float, or of an integer beyond
+// int, is undefined behaviour: every number read as an int is checked with this first.
+bool is_int_in(const json& v, int64_t max) {
+  if (!v.is_number_integer()) return false;
+  if (v.is_number_unsigned()) return v.get<uint64_t>() <= static_cast<uint64_t>(max);
+  return v.get<int64_t>() >= 0 && v.get<int64_t>() <= max;
+}
+
+// The largest token id accepted (2^24: six times the largest vocabularies in use).
+constexpr int kMaxId = 1 << 24;
+
 std::string type_of(const json& j, const std::string& where) {
   if (!j.is_object() || !j.contains("type") || !j["type"].is_string()) throw_input("{}: an object with a \"type\" is expected", where);
   return j["type"].get<std::string>();
@@ -277,6 +288,9 @@ void read_decoder(const json& j, const std::string& where, std::vector<DecodeSte
     out.push_back({DecodeStep::kFuse});
   } else if (t == "Strip") {
     DecodeStep s{DecodeStep::kStrip, j.at("content").get<std::string>()};
+    for (const char* key : {"start", "stop"})
+      if (j.contains(key) && !is_int_in(j[key], 1 << 16))
+        throw_input("{}.{}: expected an integer in 0..65536, got {}", where, key, j[key].dump());
     s.start = j.value("start", 0);
     s.stop = j.value("stop", 0);
     out.push_back(s);
@@ -409,13 +423,14 @@ class HfTokenizer final : public Tokenizer {
         throw_input("{}: model.{} is not supported", name, affix);
     if (m.contains("dropout") && !m["dropout"].is_null() && m["dropout"].get<double>() != 0)
       throw_input("{}: model.dropout is not supported (it makes encoding random)", name);
-    for (auto it = m.at("vocab").begin(); it != m.at("vocab").end(); ++it) set_token(it.value().get<int>(), it.key(), name);
+    for (auto it = m.at("vocab").begin(); it != m.at("vocab").end(); ++it) set_token(it.value(), it.key(), name);
     for (const json& a : j.value("added_tokens", json::array())) {
-      AddedToken t{a.at("id").get<int>(), a.at("content").get<std::string>(), a.value("special", false),
+      if (!is_int_in(a.at("id"), kMaxId)) throw_input("{}: added token with id {}", name, a["id"].dump());
+      AddedToken t{a["id"].get<int>(), a.at("content").get<std::string>(), a.value("special", false),
                    a.value("lstrip", false), a.value("rstrip", false)};
       if (a.value("single_word", false)) throw_input("{}: added token '{}': single_word is not supported", name, t.content);
       if (t.content.empty()) throw_input("{}: an added token (id {}) is empty", name, t.id);
-      set_token(t.id, t.content, name);
+      set_token(a["id"], t.content, name);
       added_ids_.insert(t.id);
       added_.push_back(std::move(t));
     }
@@ -456,6 +471,8 @@ class HfTokenizer final : public Tokenizer {
     read_pre_tokenizer(j.value("pre_tokenizer", json()), name + ": pre_tokenizer", pre_tokenizers_);
     read_decoder(j.value("decoder", json()), name + ": decoder", decoders_);
     read_post_processor(j.value("post_processor", json()), name + ": post_processor");
+    if (bos_ >= static_cast<int>(tokens_.size()))
+      throw_input("{}: post_processor: the BOS id {} is not in the vocabulary", name, bos_);
   }
 
   // The BOS is the special token that TemplateProcessing puts before a single sequence.
@@ -470,7 +487,7 @@ class HfTokenizer final : public Tokenizer {
         if (single[i].contains("Sequence")) continue;
         const std::string id = single[i].at("SpecialToken").at("id").get<std::string>();
         const json& ids = j.at("special_tokens").at(id).at("ids");
-        if (i == 0 && ids.size() == 1) bos_ = ids[0].get<int>();
+        if (i == 0 && ids.size() == 1 && is_int_in(ids[0], kMaxId)) bos_ = ids[0].get<int>();
         else throw_input("{}: only a single leading special token (BOS) is supported in the template", where);
       }
     } else if (t != "ByteLevel") {
@@ -478,8 +495,10 @@ class HfTokenizer final : public Tokenizer {
     }
   }
 
-  void set_token(int id, const std::string& s, const std::string& name) {
-    if (id < 0 || id > (1 << 24)) throw_input("{}: token '{}' has id {}", name, s, id);
+  void set_token(const json& id_value, const std::string& s, const std::string& name) {
+    if (!is_int_in(id_value, kMaxId))
+      throw_input("{}: token '{}' has id {}, expected an integer in 0..{}", name, s, id_value.dump(), kMaxId);
+    const int id = id_value.get<int>();
     if (static_cast<size_t>(id) >= tokens_.size()) tokens_.resize(id + 1), assigned_.resize(id + 1);
     tokens_[id] = s;
     assigned_[id] = true;
