@@ -22,13 +22,17 @@ stories=$assets/models/stories260K/stories260K.bin
 # v1: magic "ak42" (0x616b3432 little-endian), version 1, the same 7 ints, shared flag, padding
 { le64 1056540; printf '\x32\x34\x6b\x61\x01\x00\x00\x00'; head -c 28 "$stories"; printf '\x01'; head -c 219 /dev/zero; } > "$corpus/llama2c/v1"
 
-# compressed: a real compressed stories260K (one training step on a little text), when the CLI
-# has been built.
+# compressed: a real compressed stories260K (one training step on a little text), and k-means
+# palettes of the Qwen3 and Llama-3.1 fixtures (q/k norms, head_dim, llama3 rope scaling in the
+# config), when the CLI has been built.
 cp "$corpus/safetensors/seed1" "$corpus/compressed/seed-plain"
 if [[ -x build/edkm ]]; then
   head -c 20000 "$assets/eval/tinystories/val_a.txt" > build-fuzz/seed.txt
   build/edkm compress -t 1 -q -m "$stories" -d build-fuzz/seed.txt --steps 1 --seq-len 32 --val-fraction 0.5 \
     -o "$corpus/compressed/seed" --metrics build-fuzz/seed.metrics --checkpoint build-fuzz/seed.ckpt > /dev/null
+  for family in qwen3 llama3; do
+    build/edkm quantize -t 1 -m "tests/fixtures/hf/$family" --bits 2 -o "$corpus/compressed/seed-$family" 2> /dev/null
+  done
 fi
 
 # tokenizer: two small tokenizer.json files, byte-level (a Split regex, ByteLevel) and

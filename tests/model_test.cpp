@@ -230,9 +230,9 @@ TEST(Model, CopiesAndMovesComputeWithTheirOwnWeights) {
   EXPECT_TRUE(at::equal(assigned.forward(x), changed));
   // Each role is bound to its Hugging Face tensor.
   EXPECT_EQ(a.layers().size(), 2u);
-  EXPECT_EQ(a.layers()[1].gate.name, "model.layers.1.mlp.gate_proj.weight");
+  EXPECT_EQ(a.layers()[1].gate.weight.name, "model.layers.1.mlp.gate_proj.weight");
   EXPECT_EQ(a.layers()[0].attn_norm.name, "model.layers.0.input_layernorm.weight");
-  EXPECT_EQ(a.layers()[1].down.tensor, &a.weights().at("model.layers.1.mlp.down_proj.weight"));
+  EXPECT_EQ(a.layers()[1].down.weight.tensor, &a.weights().at("model.layers.1.mlp.down_proj.weight"));
 }
 
 TEST(Model, Bf16ForwardTracksFp32) {

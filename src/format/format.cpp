@@ -106,7 +106,7 @@ Llama CompressedModel::to_llama(at::ScalarType dtype) const {
 
 std::unique_ptr<Tokenizer> CompressedModel::tokenizer() const {
   if (tokenizer_data.empty()) return nullptr;
-  return tokenizer_from_bytes(tokenizer_data, tokenizer_name, static_cast<int>(config.vocab_size));
+  return tokenizer_from_bytes(tokenizer_data, tokenizer_name, static_cast<int>(config.vocab_size), tokenizer_eos);
 }
 
 CompressedModel make_compressed(const Llama& model, const std::vector<std::pair<std::string, Palettized>>& packed,
@@ -124,6 +124,7 @@ CompressedModel make_compressed(const Llama& model, const std::vector<std::pair<
   if (tokenizer) {
     m.tokenizer_name = tokenizer->file_name();
     m.tokenizer_data = tokenizer->data();
+    m.tokenizer_eos = tokenizer->eos_token();
   }
   return m;
 }
@@ -153,6 +154,7 @@ void write_compressed(const std::string& path, const CompressedModel& m) {
   meta["clustered"] = clustered.dump();
   if (!m.tokenizer_data.empty()) {
     meta["tokenizer"] = m.tokenizer_name;
+    if (!m.tokenizer_eos.empty()) meta["tokenizer_eos"] = m.tokenizer_eos;
     at::Tensor tok = at::empty({static_cast<int64_t>(m.tokenizer_data.size())}, at::kByte);
     std::memcpy(tok.data_ptr(), m.tokenizer_data.data(), m.tokenizer_data.size());
     tensors.emplace_back("__tokenizer__", tok);
@@ -200,6 +202,7 @@ CompressedModel read_compressed(const std::string& path) {
   if (layout.has_tokenizer) {
     at::Tensor t = f.tensor("__tokenizer__");
     m.tokenizer_name = layout.tokenizer_name;
+    m.tokenizer_eos = layout.tokenizer_eos;
     m.tokenizer_data.assign(static_cast<const char*>(t.data_ptr()), t.numel());
   }
   return m;

@@ -6,7 +6,7 @@
 //   W.palette  F16  [G, 2^b, d]        one palette per group of rows
 //   W.scale    F32  [rows]             per-row scales, when the weight was clustered with them
 // and every other tensor as it was. __metadata__ holds the format name and version, the model
-// config, the tokenizer's name, and each clustered weight's shape and settings; the tokenizer
+// config, the tokenizer's name (and EOS text, for a tokenizer.json), and each clustered weight's shape and settings; the tokenizer
 // file itself travels as the U8 tensor "__tokenizer__".
 #pragma once
 
@@ -59,6 +59,7 @@ struct CompressedModel {
   std::map<std::string, PackedWeight> packed;       // clustered weights
   std::string tokenizer_name;                       // "" when none is embedded
   std::string tokenizer_data;
+  std::string tokenizer_eos;                        // Tokenizer::eos_token(), "" when the file says
   std::map<std::string, std::string> metadata;      // extra __metadata__ entries
 
   // All weights dense, as a Llama (dtype: of the de-palettised weights; dense tensors keep theirs
@@ -90,6 +91,7 @@ struct CompressedLayout {
   std::vector<std::string> dense;
   bool has_tokenizer = false;
   std::string tokenizer_name;
+  std::string tokenizer_eos;
   std::map<std::string, std::string> metadata;  // entries beyond the format's own
 };
 namespace safetensors { struct Header; }

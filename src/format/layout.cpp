@@ -33,7 +33,7 @@ CompressedLayout parse_layout(const safetensors::Header& header, const std::stri
   if (!clustered.is_object()) throw_input("{}: 'clustered' metadata is not an object", path);
   for (const auto& [k, v] : meta)
     if (k != "format" && k != "format_version" && k != "config" && k != "clustered" && k != "tokenizer" &&
-        k != safetensors::kChecksumKey)
+        k != "tokenizer_eos" && k != safetensors::kChecksumKey)
       m.metadata[k] = v;
 
   std::map<std::string, const safetensors::TensorInfo*> infos;
@@ -106,6 +106,7 @@ CompressedLayout parse_layout(const safetensors::Header& header, const std::stri
     used.insert("__tokenizer__");
     m.has_tokenizer = true;
     m.tokenizer_name = meta.count("tokenizer") ? meta.at("tokenizer") : "tokenizer";
+    m.tokenizer_eos = meta.count("tokenizer_eos") ? meta.at("tokenizer_eos") : "";
   }
   for (const auto& t : header.tensors)
     if (!used.count(t.name)) throw_input("{}: unexpected tensor '{}'", path, t.name);

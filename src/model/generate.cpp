@@ -91,7 +91,9 @@ GenerateStats generate(const Llama& model, const Tokenizer& tok, const GenerateO
   int token = prompt.back();
   auto t0 = std::chrono::steady_clock::now();
   while (stats.generated < opts.max_tokens && cache.pos < capacity + 1) {
-    const int next = sampler.sample(logits[0][logits.size(1) - 1]);
+    // Only ids the tokenizer has: an embedding padded beyond the vocabulary (Qwen) has rows
+    // for which there is no text.
+    const int next = sampler.sample(logits[0][logits.size(1) - 1].narrow(0, 0, tok.vocab_size()));
     if (next == tok.bos_id() || next == tok.eos_id()) break;
     on_piece(tok.piece(token, next));
     token = next;

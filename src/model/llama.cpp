@@ -1,14 +1,19 @@
-// The decoder, spelled out (HF LlamaForCausalLM semantics):
+// The decoder, spelled out (HF LlamaForCausalLM semantics; Mistral, Qwen2 and Qwen3 differ only
+// in the optional parts marked [..], which the config switches on):
 //
 //   h_0 = E[tokens]
 //   for each layer l:
 //     a   = RMSNorm(h) = h / sqrt(mean(h^2) + eps) * g_attn
-//     q, k, v = a Wq^T, a Wk^T, a Wv^T, split into heads; q, k rotated by RoPE
-//     h  += softmax(q k^T / sqrt(d_head) + causal mask) v  Wo^T     (kv heads shared by
+//     q, k, v = a Wq^T [+ bq], a Wk^T [+ bk], a Wv^T [+ bv], split into heads of head_dim
+//     [q, k = RMSNorm of each head with g_q, g_k]                                       (Qwen3)
+//     q, k rotated by RoPE
+//     h  += softmax(q k^T / sqrt(head_dim) + mask) v  Wo^T [+ bo]   (kv heads shared by
 //                                                                   n_heads / n_kv_heads queries)
 //     m   = RMSNorm(h) with g_mlp
-//     h  += (silu(m Wgate^T) * (m Wup^T)) Wdown^T
+//     h  += (silu(m Wgate^T) * (m Wup^T)) Wdown^T                  ([+ b] on each: mlp_bias)
 //   logits = RMSNorm(h) with g_final, times W_lm_head^T (or E^T when tied)
+//
+// The mask lets query position t see key positions s with s <= t, [and t - s < sliding_window].
 //
 // RoPE (Su et al. 2021) in HF's "rotate_half" layout: for head dim d and i < d/2,
 // theta_i = base^(-2i/d); position p rotates the pair (x_i, x_{i+d/2}) by p * theta_i.
@@ -35,14 +40,51 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& g, double eps) {
   return g * normed.to(x.scalar_type());
 }
 
+// The rotary inverse frequencies theta_i, i < d/2, rescaled for contexts longer than training:
+//   linear (position interpolation, Chen et al. 2023): theta_i / factor, i.e. positions divided
+//     by factor;
+//   llama3: with L the original context and wavelength w_i = 2 pi / theta_i, keep theta_i where
+//     w_i < L / high_freq_factor, use theta_i / factor where w_i > L / low_freq_factor, and in
+//     between interpolate linearly in L / w_i:
+//       s = (L / w_i - low_freq_factor) / (high_freq_factor - low_freq_factor)
+//       theta_i' = (1 - s) theta_i / factor + s theta_i.
+at::Tensor rope_frequencies(const LlamaConfig& c) {
+  const int64_t d = c.head_dim();
+  at::Tensor inv = at::pow(c.rope_theta, -at::arange(0, d, 2, at::kDouble) / double(d));
+  const RopeScaling& s = c.rope_scaling;
+  switch (s.type) {
+    case RopeScaling::Type::kNone: return inv;
+    case RopeScaling::Type::kLinear: return inv / s.factor;
+    case RopeScaling::Type::kLlama3: {
+      const double L = double(s.original_max_seq_len);
+      at::Tensor wavelen = 2 * M_PI / inv;
+      at::Tensor smooth = (L / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+      at::Tensor mid = (1 - smooth) * inv / s.factor + smooth * inv;
+      at::Tensor out = at::where(wavelen > L / s.low_freq_factor, inv / s.factor, inv);
+      return at::where((wavelen >= L / s.high_freq_factor) & (wavelen <= L / s.low_freq_factor), mid, out);
+    }
+  }
+  return inv;
+}
+
 // cos and sin of p * theta_i for positions [pos, pos + T), laid out [T, d] as cat(f, f).
 std::pair<at::Tensor, at::Tensor> rope_tables(const LlamaConfig& c, int64_t pos, int64_t T,
                                               const at::TensorOptions& opts) {
-  const int64_t d = c.head_dim();
-  at::Tensor inv = at::pow(c.rope_theta, -at::arange(0, d, 2, at::kDouble) / double(d));
-  at::Tensor angles = at::outer(at::arange(pos, pos + T, at::kDouble), inv);
+  at::Tensor angles = at::outer(at::arange(pos, pos + T, at::kDouble), rope_frequencies(c));
   angles = at::cat({angles, angles}, -1);
   return {angles.cos().to(opts), angles.sin().to(opts)};
+}
+
+// True where query t (absolute position pos + t) may not see key s: s > pos + t (causality), or
+// s <= pos + t - window (Mistral's sliding window). Undefined when nothing is masked.
+at::Tensor attention_mask(int64_t pos, int64_t T, int64_t S, int64_t window, const at::Device& device) {
+  const bool windowed = window > 0 && S > window;
+  if (T == 1 && !windowed) return {};
+  auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+  at::Tensor q = at::arange(pos, pos + T, opts).unsqueeze(1), k = at::arange(S, opts).unsqueeze(0);
+  at::Tensor mask = k > q;
+  if (windowed) mask = mask | (k <= q - window);
+  return mask;
 }
 
 // x [B, H, T, d]: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1).
@@ -52,17 +94,37 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   return x * cos + rot * sin;
 }
 
-// One projection: a dense weight, or a kernel that computes x W^T itself.
+// One projection: a dense weight, or a kernel that computes x W^T itself; plus its bias, if any.
 struct Proj {
-  at::Tensor w;
+  at::Tensor w, b;
   const LinearKernel* kernel = nullptr;
-  at::Tensor operator()(const at::Tensor& x) const { return kernel ? kernel->forward(x) : at::linear(x, w); }
+  at::Tensor operator()(const at::Tensor& x) const {
+    if (!kernel) return at::linear(x, w, b);
+    at::Tensor y = kernel->forward(x);
+    return b.defined() ? y + b : y;
+  }
 };
 
 // A layer's tensors in one forward pass: the bound weights with this pass's overrides applied.
+// Tensors the config does not have are undefined.
 struct LayerParams {
-  at::Tensor attn_norm, mlp_norm;
+  at::Tensor attn_norm, q_norm, k_norm, mlp_norm;
   Proj q, k, v, o, gate, up, down;
+
+  // Every tensor slot, in a fixed order (for gradient checkpointing's flat input list).
+  template <class F>
+  void for_each(F&& f) {
+    for (at::Tensor* t : {&attn_norm, &q_norm, &k_norm, &mlp_norm}) f(*t);
+    for (Proj* p : {&q, &k, &v, &o, &gate, &up, &down}) {
+      f(p->w);
+      f(p->b);
+    }
+  }
+  bool any_kernel() const {
+    for (const Proj* p : {&q, &k, &v, &o, &gate, &up, &down})
+      if (p->kernel) return true;
+    return false;
+  }
 };
 
 // A decoder layer. cache_k/cache_v ([B, n_kv, capacity, d]) are defined when decoding
@@ -72,11 +134,15 @@ at::Tensor decoder_layer(const LlamaConfig& c, const at::Tensor& x, const LayerP
                          const at::Tensor& cache_v, int64_t pos) {
   const int64_t B = x.size(0), T = x.size(1), H = c.n_heads, Hkv = c.n_kv_heads, d = c.head_dim();
   at::Tensor a = rms_norm(x, p.attn_norm, c.norm_eps);
-  at::Tensor q = p.q(a).view({B, T, H, d}).transpose(1, 2);
-  at::Tensor k = p.k(a).view({B, T, Hkv, d}).transpose(1, 2);
+  at::Tensor q = p.q(a).view({B, T, H, d});
+  at::Tensor k = p.k(a).view({B, T, Hkv, d});
   at::Tensor v = p.v(a).view({B, T, Hkv, d}).transpose(1, 2);
-  q = apply_rope(q, cos, sin);
-  k = apply_rope(k, cos, sin);
+  if (p.q_norm.defined()) {  // Qwen3: each head normalised on its own, before the rotation
+    q = rms_norm(q, p.q_norm, c.norm_eps);
+    k = rms_norm(k, p.k_norm, c.norm_eps);
+  }
+  q = apply_rope(q.transpose(1, 2), cos, sin);
+  k = apply_rope(k.transpose(1, 2), cos, sin);
   if (cache_k.defined()) {
     cache_k.narrow(2, pos, T).copy_(k);
     cache_v.narrow(2, pos, T).copy_(v);
@@ -91,9 +157,8 @@ at::Tensor decoder_layer(const LlamaConfig& c, const at::Tensor& x, const LayerP
   // The [B, H, T, S] scores are the largest tensors here: scale q instead, mask in place.
   at::Tensor scores = at::matmul(q * (1.0 / std::sqrt(double(d))), k.transpose(2, 3));
   scores = scores.to(wide(scores.scalar_type()));
-  if (T > 1) {  // query t (absolute position pos + t) sees keys s <= pos + t
-    scores.masked_fill_(at::ones({T, S}, scores.options().dtype(at::kBool)).triu(pos + 1), -INFINITY);
-  }
+  at::Tensor mask = attention_mask(pos, T, S, c.sliding_window, scores.device());
+  if (mask.defined()) scores.masked_fill_(mask, -INFINITY);
   at::Tensor attn = at::softmax(scores, -1).to(v.scalar_type());
   at::Tensor ctx = at::matmul(attn, v).transpose(1, 2).reshape({B, T, H * d});
   at::Tensor h = x + p.o(ctx);
@@ -201,8 +266,10 @@ Llama& Llama::operator=(Llama&& other) noexcept {
 
 void Llama::bind() {
   auto bound = [&](const std::string& name) {
+    auto w = weights_.find(name);
+    if (w == weights_.end()) return BoundWeight{name, nullptr, nullptr};  // not in this config
     auto k = kernels_.find(name);
-    return BoundWeight{name, &weights_.at(name), k == kernels_.end() ? nullptr : k->second};
+    return BoundWeight{name, &w->second, k == kernels_.end() ? nullptr : k->second};
   };
   namespace n = tensor_name;
   embed_ = bound(n::kEmbed);
@@ -211,8 +278,11 @@ void Llama::bind() {
   layers_.clear();
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
     auto leaf = [&](const char* name) { return bound(layer_tensor_name(l, name)); };
-    layers_.push_back({leaf(n::kAttnNorm), leaf(n::kQ), leaf(n::kK), leaf(n::kV), leaf(n::kO), leaf(n::kMlpNorm),
-                       leaf(n::kGate), leaf(n::kUp), leaf(n::kDown)});
+    auto linear = [&](const char* weight, const char* bias) { return BoundLinear{leaf(weight), leaf(bias)}; };
+    layers_.push_back({leaf(n::kAttnNorm), leaf(n::kQNorm), leaf(n::kKNorm), leaf(n::kMlpNorm),
+                       linear(n::kQ, n::kQBias), linear(n::kK, n::kKBias), linear(n::kV, n::kVBias),
+                       linear(n::kO, n::kOBias), linear(n::kGate, n::kGateBias), linear(n::kUp, n::kUpBias),
+                       linear(n::kDown, n::kDownBias)});
   }
 }
 
@@ -288,18 +358,21 @@ at::Tensor Llama::run(const at::Tensor& tokens, const ForwardOptions& opts, KVCa
   if (pos + T > cfg_.max_seq_len)
     throw_invalid("sequence of {} tokens exceeds the model's context of {}", pos + T, cfg_.max_seq_len);
   const WeightOverrides* ov = opts.overrides;
-  // A weight's tensor in this pass (its override, if any), and a projection by kernel or matmul.
-  auto tensor = [&](const BoundWeight& b) -> const at::Tensor& {
+  // A weight's tensor in this pass (its override, if any; undefined when the config has none),
+  // and a projection by kernel or matmul.
+  auto tensor = [&](const BoundWeight& b) -> at::Tensor {
+    if (!b) return {};
     if (ov) {
       auto it = ov->find(b.name);
       if (it != ov->end()) return it->second;
     }
     return *b.tensor;
   };
-  auto proj = [&](const BoundWeight& b) {
+  auto proj = [&](const BoundLinear& b) {
     Proj p;
-    if (b.kernel && !(ov && ov->count(b.name))) p.kernel = b.kernel.get();
-    else p.w = tensor(b);
+    if (b.weight.kernel && !(ov && ov->count(b.weight.name))) p.kernel = b.weight.kernel.get();
+    else p.w = tensor(b.weight);
+    p.b = tensor(b.bias);
     return p;
   };
   at::Tensor h = at::embedding(tensor(embed_), tokens);
@@ -307,27 +380,36 @@ at::Tensor Llama::run(const at::Tensor& tokens, const ForwardOptions& opts, KVCa
 
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
     const LayerWeights& L = layers_[l];
-    LayerParams p{tensor(L.attn_norm), tensor(L.mlp_norm), proj(L.q),  proj(L.k),   proj(L.v),
-                  proj(L.o),           proj(L.gate),       proj(L.up), proj(L.down)};
+    LayerParams p{tensor(L.attn_norm), tensor(L.q_norm), tensor(L.k_norm), tensor(L.mlp_norm),
+                  proj(L.q),           proj(L.k),        proj(L.v),        proj(L.o),
+                  proj(L.gate),        proj(L.up),       proj(L.down)};
     at::Tensor ck = cache ? cache->k[l] : at::Tensor(), cv = cache ? cache->v[l] : at::Tensor();
-    const bool any_kernel = p.q.kernel || p.k.kernel || p.v.kernel || p.o.kernel || p.gate.kernel ||
-                            p.up.kernel || p.down.kernel;
-    if (opts.checkpoint_layers && !cache && !any_kernel && at::GradMode::is_enabled()) {
+    if (opts.checkpoint_layers && !cache && !p.any_kernel() && at::GradMode::is_enabled()) {
+      // The layer's defined tensors travel as a flat list; `present` puts them back in place.
+      std::vector<at::Tensor> ws;
+      std::vector<bool> present;
+      p.for_each([&](at::Tensor& t) {
+        present.push_back(t.defined());
+        if (t.defined()) ws.push_back(t);
+      });
       auto fn = c10::make_intrusive<LayerFnHolder>();
       const LlamaConfig& c = cfg_;
-      fn->fn = [&c, cos = cos, sin = sin](const at::Tensor& x, const std::vector<at::Tensor>& t) {
-        LayerParams q{t[0], t[1], {t[2]}, {t[3]}, {t[4]}, {t[5]}, {t[6]}, {t[7]}, {t[8]}};
+      fn->fn = [&c, present, cos = cos, sin = sin](const at::Tensor& x, const std::vector<at::Tensor>& t) {
+        LayerParams q;
+        size_t slot = 0, next = 0;
+        q.for_each([&](at::Tensor& dst) {
+          if (present[slot++]) dst = t[next++];
+        });
         return decoder_layer(c, x, q, cos, sin, {}, {}, 0);
       };
       // Passed as a TensorList so that autograd sees (and routes gradients to) each weight.
-      const std::vector<at::Tensor> ws{p.attn_norm, p.mlp_norm, p.q.w, p.k.w, p.v.w, p.o.w, p.gate.w, p.up.w, p.down.w};
       h = CheckpointedLayer::apply(h, at::TensorList(ws), fn);
     } else {
       h = decoder_layer(cfg_, h, p, cos, sin, ck, cv, pos);
     }
   }
   h = rms_norm(h, tensor(final_norm_), cfg_.norm_eps);
-  return proj(classifier_)(h);
+  return proj(BoundLinear{classifier_, {}})(h);
 }
 
 at::Tensor next_token_loss(const at::Tensor& logits, const at::Tensor& targets, at::Reduction::Reduction reduction) {

@@ -46,16 +46,23 @@ struct KVCache {
 // One weight of the decoder, bound once when the model is built: its name (the key of
 // WeightOverrides), its entry in Llama::weights() (map entries never move, so the pointer
 // follows every assignment to it), and the kernel that computes its products instead, if any.
+// An optional tensor the config does not have (a bias, a q/k norm) is bound with tensor null.
 struct BoundWeight {
   std::string name;
   at::Tensor* tensor = nullptr;
   std::shared_ptr<const LinearKernel> kernel;
+  explicit operator bool() const { return tensor != nullptr; }
+};
+
+// A linear projection: its weight and, where the config has one, its bias.
+struct BoundLinear {
+  BoundWeight weight, bias;
 };
 
 // The tensors of one decoder layer (llama.cpp's llama_layer), by role.
 struct LayerWeights {
-  BoundWeight attn_norm, q, k, v, o;
-  BoundWeight mlp_norm, gate, up, down;
+  BoundWeight attn_norm, q_norm, k_norm, mlp_norm;
+  BoundLinear q, k, v, o, gate, up, down;
 };
 
 class Llama {

@@ -12,6 +12,17 @@
 namespace fs = std::filesystem;
 
 namespace edkm {
+namespace {
+
+// Every token id must have an embedding row. The embedding may have more rows than the tokenizer
+// has tokens: Qwen pads 151,669 tokens to 151,936 rows, and rows beyond are never produced.
+void check_vocabulary(const Tokenizer& t, const LlamaConfig& c, const std::string& model) {
+  if (t.vocab_size() > c.vocab_size)
+    throw_input("{}: tokenizer has {} tokens but the model {} embeds only {}", t.name(), t.vocab_size(), model,
+                c.vocab_size);
+}
+
+}  // namespace
 
 LoadedModel load_model(const std::string& path, const std::string& tokenizer, bool require_tokenizer) {
   if (!fs::exists(path)) throw_input("{}: no such file or directory", path);
@@ -21,6 +32,7 @@ LoadedModel load_model(const std::string& path, const std::string& tokenizer, bo
     LoadedModel out{packed_llama(c), nullptr};
     out.tokenizer = tokenizer.empty() ? c.tokenizer() : load_tokenizer(tokenizer, static_cast<int>(c.config.vocab_size));
     if (!out.tokenizer && require_tokenizer) throw_input("{}: carries no tokenizer; pass --tokenizer", path);
+    if (out.tokenizer) check_vocabulary(*out.tokenizer, c.config, path);
     return out;
   }
   Llama model = dir ? load_hf_dir(path) : load_llama2c(path);
@@ -40,8 +52,7 @@ LoadedModel load_model(const std::string& path, const std::string& tokenizer, bo
   LoadedModel out{std::move(model), nullptr};
   if (!tok.empty()) {
     out.tokenizer = load_tokenizer(tok, vocab);
-    if (out.tokenizer->vocab_size() != vocab)
-      throw_input("{}: tokenizer has {} tokens but the model {} has {}", tok, out.tokenizer->vocab_size(), path, vocab);
+    check_vocabulary(*out.tokenizer, out.model.config(), path);
   } else if (require_tokenizer) {
     throw_input("{}: no tokenizer found (looked for {}tokenizer.model / tokenizer.bin{}); pass --tokenizer", path,
                 dir ? "tokenizer.json / " : "",

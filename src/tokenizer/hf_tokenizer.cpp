@@ -223,6 +223,7 @@ std::string nfc(const std::string& s) {
 
 struct PreTokenizeStep {
   enum Kind { kSplit, kByteLevel, kMetaspace } kind;
+  explicit PreTokenizeStep(Kind k) : kind(k) {}
   std::shared_ptr<const Regex> regex;  // kSplit; kByteLevel with use_regex
   bool isolated = true;                // kSplit: Isolated (matches are pieces), or Removed
   bool add_prefix_space = false;       // kByteLevel
@@ -269,6 +270,7 @@ void read_pre_tokenizer(const json& j, const std::string& where, std::vector<Pre
 struct DecodeStep {
   enum Kind { kByteLevel, kReplace, kByteFallback, kFuse, kStrip, kMetaspace } kind;
   std::string a, b;     // kReplace: from, to; kStrip: content; kMetaspace: replacement
+  explicit DecodeStep(Kind k, std::string a_ = {}, std::string b_ = {}) : kind(k), a(std::move(a_)), b(std::move(b_)) {}
   int start = 0, stop = 0;  // kStrip
   bool prepend = false;     // kMetaspace: strip the leading space of the first token
 };
@@ -279,13 +281,13 @@ void read_decoder(const json& j, const std::string& where, std::vector<DecodeSte
     return;
   const std::string t = type_of(j, where);
   if (t == "ByteLevel") {
-    out.push_back({DecodeStep::kByteLevel});
+    out.emplace_back(DecodeStep::kByteLevel);
   } else if (t == "Replace") {
-    out.push_back({DecodeStep::kReplace, string_pattern(j.at("pattern"), where + ".pattern"), j.at("content").get<std::string>()});
+    out.emplace_back(DecodeStep::kReplace, string_pattern(j.at("pattern"), where + ".pattern"), j.at("content").get<std::string>());
   } else if (t == "ByteFallback") {
-    out.push_back({DecodeStep::kByteFallback});
+    out.emplace_back(DecodeStep::kByteFallback);
   } else if (t == "Fuse") {
-    out.push_back({DecodeStep::kFuse});
+    out.emplace_back(DecodeStep::kFuse);
   } else if (t == "Strip") {
     DecodeStep s{DecodeStep::kStrip, j.at("content").get<std::string>()};
     for (const char* key : {"start", "stop"})
@@ -327,6 +329,7 @@ class HfTokenizer final : public Tokenizer {
     } catch (const json::exception& e) {
       throw_input("{}: unexpected tokenizer.json contents: {}", name, e.what());
     }
+    eos_token_ = eos_token;
     eos_ = eos_token.empty() ? -1 : id_of(eos_token);
     if (!eos_token.empty() && eos_ < 0) throw_input("{}: the EOS token '{}' is not in the vocabulary", name, eos_token);
   }
@@ -411,6 +414,7 @@ class HfTokenizer final : public Tokenizer {
   int vocab_size() const override { return static_cast<int>(tokens_.size()); }
   int bos_id() const override { return bos_; }
   int eos_id() const override { return eos_; }
+  std::string eos_token() const override { return eos_token_; }
   Kind kind() const override { return Kind::kHuggingFace; }
 
  private:
@@ -653,6 +657,7 @@ class HfTokenizer final : public Tokenizer {
   std::vector<DecodeStep> decoders_;
   bool ignore_merges_ = false, byte_fallback_ = false, fuse_unk_ = false;
   int unk_ = -1, bos_ = -1, eos_ = -1;
+  std::string eos_token_;
   std::array<int, 256> byte_ids_{};
   mutable std::mutex cache_mu_;
   mutable std::unordered_map<std::string, std::vector<int>> cache_;

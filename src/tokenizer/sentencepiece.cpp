@@ -150,12 +150,13 @@ bool is_tokenizer_json(const std::string& data) {
 
 }  // namespace
 
-std::unique_ptr<Tokenizer> tokenizer_from_bytes(std::string data, const std::string& name, int vocab_size) {
+std::unique_ptr<Tokenizer> tokenizer_from_bytes(std::string data, const std::string& name, int vocab_size,
+                                                const std::string& eos_token) {
   // A SentencePiece model is a protobuf whose first field (pieces, field 1, length-delimited)
   // starts with the byte 0x0A; a tokenizer.bin starts with a small int32 max_token_length,
   // whose first byte is never 0x0A for real vocabularies (lengths 10 and 266.. aside, which
   // the .bin extension settles).
-  if (is_tokenizer_json(data)) return hf_tokenizer(std::move(data), name);
+  if (is_tokenizer_json(data)) return hf_tokenizer(std::move(data), name, eos_token);
   const bool bin_name = std::filesystem::path(name).extension() == ".bin";
   if (!data.empty() && data[0] == 0x0A && !bin_name) return sentencepiece_tokenizer(std::move(data), name);
   return llama2c_tokenizer(std::move(data), name, vocab_size);

@@ -24,6 +24,10 @@ class Tokenizer {
   virtual int vocab_size() const = 0;
   virtual int bos_id() const { return 1; }
   virtual int eos_id() const { return 2; }
+  // The EOS token's text when the tokenizer file itself does not say which token it is (a
+  // tokenizer.json's EOS comes from the tokenizer_config.json beside it): compressed models and
+  // exported directories carry it next to the file. "" otherwise.
+  virtual std::string eos_token() const { return {}; }
 
   enum class Kind { kLlama2c, kSentencePiece, kHuggingFace };
   virtual Kind kind() const = 0;
@@ -48,8 +52,10 @@ class Tokenizer {
 // tokenizer.bin. A tokenizer.json's EOS is the eos_token of the tokenizer_config.json beside it. vocab_size: how
 // many entries a tokenizer.bin must hold (its format does not say); 0 = read all.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path, int vocab_size = 0);
-// The same from a file's bytes; `name` appears in error messages.
-std::unique_ptr<Tokenizer> tokenizer_from_bytes(std::string data, const std::string& name, int vocab_size = 0);
+// The same from a file's bytes; `name` appears in error messages; eos_token: a tokenizer.json's
+// EOS text (Tokenizer::eos_token()).
+std::unique_ptr<Tokenizer> tokenizer_from_bytes(std::string data, const std::string& name, int vocab_size = 0,
+                                                const std::string& eos_token = "");
 
 std::unique_ptr<Tokenizer> llama2c_tokenizer(std::string data, const std::string& name, int vocab_size = 0);
 std::unique_ptr<Tokenizer> sentencepiece_tokenizer(std::string data, const std::string& name);

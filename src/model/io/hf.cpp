@@ -65,7 +65,14 @@ void save_hf_dir(const Llama& model, const std::string& dir, at::ScalarType dtyp
     tensors.emplace_back(name, model.weight(name).to(dtype));
   safetensors::write((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
   write_file_atomic((fs::path(dir) / "config.json").string(), cj.dump(2) + "\n");
-  if (tokenizer) write_file_atomic((fs::path(dir) / tokenizer->file_name()).string(), tokenizer->data());
+  if (!tokenizer) return;
+  write_file_atomic((fs::path(dir) / tokenizer->file_name()).string(), tokenizer->data());
+  if (tokenizer->kind() == Tokenizer::Kind::kHuggingFace) {
+    nlohmann::json tc = {{"tokenizer_class", "PreTrainedTokenizerFast"},
+                         {"model_max_length", model.config().max_seq_len}};
+    if (!tokenizer->eos_token().empty()) tc["eos_token"] = tokenizer->eos_token();
+    write_file_atomic((fs::path(dir) / "tokenizer_config.json").string(), tc.dump(2) + "\n");
+  }
 }
 
 }  // namespace edkm

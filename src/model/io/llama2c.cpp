@@ -89,6 +89,18 @@ void save_llama2c(const Llama& model, const std::string& path) {
     if (v > std::numeric_limits<int32_t>::max()) throw_invalid("{} = {} does not fit the llama2.c header", what, v);
     return static_cast<int32_t>(v);
   };
+  // The header holds only the sizes: everything else must be what llama2.c assumes.
+  const LlamaConfig plain = [&] {
+    LlamaConfig p;
+    p.dim = c.dim, p.hidden_dim = c.hidden_dim, p.n_layers = c.n_layers, p.n_heads = c.n_heads;
+    p.n_kv_heads = c.n_kv_heads, p.vocab_size = c.vocab_size, p.max_seq_len = c.max_seq_len;
+    p.tie_embeddings = c.tie_embeddings, p.bos_id = c.bos_id, p.eos_id = c.eos_id;
+    return p;
+  }();
+  if (c.to_hf() != plain.to_hf())
+    throw_invalid("{}: a llama2.c checkpoint cannot hold this {} model (it has no place for rope_theta {}, "
+                  "rope scaling, head_dim, biases, q/k norms, a sliding window or norm eps {}); convert it to a "
+                  "Hugging Face directory instead", path, c.model_type, c.rope_theta, c.norm_eps);
   for (const auto& [name, t] : model.weights()) check_finite(t, fmt::format("{}: tensor '{}'", path, name));
   std::string header(kHeaderV1, '\0');
   uint32_t magic = kMagic;
