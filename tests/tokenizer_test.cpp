@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include <fstream>
+#include <sstream>
 
 #include "common/atomic_file.h"
 #include "common/error.h"
@@ -27,11 +28,30 @@ std::string text_of(const nlohmann::json& source) {
   return all.substr(source["offset"].get<size_t>(), source["bytes"].get<size_t>());
 }
 
+// GPT-2's real vocabulary comes as vocab.json and merges.txt: its tokenizer.json is those two
+// under GPT-2's ByteLevel pipeline, with <|endoftext|> an added special token (as the Hub's
+// gpt2/tokenizer.json has it).
+std::unique_ptr<Tokenizer> gpt2_tokenizer() {
+  const std::string dir = test::asset("models/gpt2_tokenizer");
+  nlohmann::json vocab = nlohmann::json::parse(read_file(dir + "/gpt2_vocab.json"));
+  nlohmann::json merges = nlohmann::json::array();
+  std::istringstream lines(read_file(dir + "/gpt2_merges.txt"));
+  for (std::string line; std::getline(lines, line);)
+    if (!line.empty() && line.rfind("#version", 0) != 0) merges.push_back(line);
+  const nlohmann::json j = {
+      {"added_tokens", {{{"id", vocab["<|endoftext|>"]}, {"content", "<|endoftext|>"}, {"special", true}}}},
+      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+      {"decoder", {{"type", "ByteLevel"}}},
+      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges}}}};
+  return hf_tokenizer(j.dump(), dir);
+}
+
 class HfTokenizerTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(HfTokenizerTest, SameIdsAndTextAsHuggingFaceTokenizers) {
   const std::string name = GetParam();
-  std::unique_ptr<Tokenizer> tok = load_tokenizer(test::asset("tokenizers/" + name + "/tokenizer.json"));
+  std::unique_ptr<Tokenizer> tok =
+      name == "gpt2" ? gpt2_tokenizer() : load_tokenizer(test::asset("tokenizers/" + name + "/tokenizer.json"));
   EXPECT_EQ(tok->kind(), Tokenizer::Kind::kHuggingFace);
   EXPECT_EQ(tok->file_name(), "tokenizer.json");
   const nlohmann::json& ref = fixture()["tokenizers"][name];
@@ -53,7 +73,7 @@ TEST_P(HfTokenizerTest, SameIdsAndTextAsHuggingFaceTokenizers) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Real, HfTokenizerTest, ::testing::Values("llama2", "llama3_1", "qwen3"));
+INSTANTIATE_TEST_SUITE_P(Real, HfTokenizerTest, ::testing::Values("llama2", "llama3_1", "qwen3", "gpt2"));
 
 // Round trip where nothing is normalized away: decode(encode(x)) == x.
 TEST(HfTokenizer, LosslessRoundTrip) {
