@@ -14,7 +14,7 @@ le64() {  # the little-endian 8-byte encoding of $1
   printf "$out"
 }
 corpus=build-fuzz/corpus
-rm -rf "$corpus" && mkdir -p "$corpus/safetensors" "$corpus/llama2c" "$corpus/compressed" "$corpus/tokenizer"
+rm -rf "$corpus" && mkdir -p "$corpus/safetensors" "$corpus/llama2c" "$corpus/compressed" "$corpus/tokenizer" "$corpus/gguf"
 json='{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"__metadata__":{"format":"pt"}}'
 { le64 ${#json}; printf '%s' "$json"; head -c 8 /dev/zero; } > "$corpus/safetensors/seed1"
 stories=$assets/models/stories260K/stories260K.bin
@@ -50,7 +50,10 @@ cat > "$corpus/tokenizer/sentencepiece" <<'JSON'
  "model":{"type":"BPE","unk_token":"<unk>","fuse_unk":true,"byte_fallback":false,"vocab":{"<unk>":0,"▁":1,"H":2,"i":3,"▁H":4,"▁Hi":5},"merges":["▁ H","▁H i"]}}
 JSON
 
-for target in safetensors llama2c compressed tokenizer; do
+# gguf: the fixtures made with the gguf package (every ggml type; a SentencePiece vocabulary).
+cp tests/fixtures/gguf/quants.gguf tests/fixtures/gguf/stories_spm.gguf "$corpus/gguf/"
+
+for target in safetensors llama2c compressed tokenizer gguf; do
   echo "fuzz: $target for ${seconds}s"
   ./build-fuzz/fuzz_$target -max_total_time="$seconds" -print_final_stats=1 -artifact_prefix=build-fuzz/crash-$target- \
     "$corpus/$target" 2>&1 | tail -n 4

@@ -13,7 +13,7 @@
 namespace edkm::cli {
 
 void add_model_args(CLI::App* cmd, ModelArgs& a) {
-  cmd->add_option("-m,--model", a.model, "Hugging Face directory or llama2.c .bin checkpoint")->required();
+  cmd->add_option("-m,--model", a.model, "Hugging Face directory, GGUF file, llama2.c .bin checkpoint or edkm compressed file")->required();
   cmd->add_option("--tokenizer", a.tokenizer, "Tokenizer file (default: found beside the model)");
   cmd->add_option("--dtype", a.dtype, "Compute dtype: auto, fp32, bf16, fp16")
       ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}));

@@ -75,6 +75,7 @@ GenerateStats generate(const Llama& model, const Tokenizer& tok, const GenerateO
   if (opts.max_tokens < 0) throw_invalid("max_tokens must be >= 0");
   at::NoGradGuard no_grad;
   std::vector<int> prompt = tok.encode(opts.prompt, /*bos=*/true, /*eos=*/false);
+  if (prompt.empty()) throw_invalid("the prompt is empty and this tokenizer adds no BOS: give a prompt");
   const int64_t ctx = model.config().max_seq_len;
   if (static_cast<int64_t>(prompt.size()) > ctx)
     throw_invalid("the prompt has {} tokens, more than the model's context of {}", prompt.size(), ctx);
@@ -86,8 +87,9 @@ GenerateStats generate(const Llama& model, const Tokenizer& tok, const GenerateO
 
   auto ids = at::tensor(std::vector<int64_t>(prompt.begin(), prompt.end()), at::kLong).view({1, -1}).to(model.device());
   at::Tensor logits = model.forward(ids, cache);  // the prompt in one pass
-  // Echo the prompt as llama2.c does (its text follows BOS).
-  for (size_t i = 1; i < prompt.size(); ++i) on_piece(tok.piece(prompt[i - 1], prompt[i]));
+  // Echo the prompt as llama2.c does: the text that follows the BOS, if the tokenizer adds one.
+  for (size_t i = prompt[0] == tok.bos_id() ? 1 : 0; i < prompt.size(); ++i)
+    on_piece(tok.piece(i > 0 ? prompt[i - 1] : -1, prompt[i]));
   int token = prompt.back();
   auto t0 = std::chrono::steady_clock::now();
   while (stats.generated < opts.max_tokens && cache.pos < capacity + 1) {

@@ -1,11 +1,13 @@
 #include "pipeline/load.h"
 
 #include <filesystem>
+#include <fstream>
 
 #include "common/error.h"
 #include "common/finite.h"
 #include "format/format.h"
 #include "runtime/lut_kernel.h"
+#include "model/io/gguf.h"
 #include "model/io/hf.h"
 #include "model/io/llama2c.h"
 
@@ -22,6 +24,13 @@ void check_vocabulary(const Tokenizer& t, const LlamaConfig& c, const std::strin
                 c.vocab_size);
 }
 
+bool is_gguf_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  char head[4] = {};
+  f.read(head, 4);
+  return f.gcount() == 4 && gguf::is_gguf({head, 4});
+}
+
 }  // namespace
 
 LoadedModel load_model(const std::string& path, const std::string& tokenizer, bool require_tokenizer) {
@@ -35,10 +44,21 @@ LoadedModel load_model(const std::string& path, const std::string& tokenizer, bo
     if (out.tokenizer) check_vocabulary(*out.tokenizer, c.config, path);
     return out;
   }
-  Llama model = dir ? load_hf_dir(path) : load_llama2c(path);
+  std::unique_ptr<Tokenizer> embedded;  // a GGUF file's own
+  Llama model = [&] {
+    if (dir) return load_hf_dir(path);
+    if (!is_gguf_file(path)) return load_llama2c(path);
+    gguf::Model g = gguf::load(path);
+    embedded = std::move(g.tokenizer);
+    return std::move(g.model);
+  }();
   for (const auto& [name, t] : model.weights()) check_finite(t, fmt::format("{}: tensor '{}'", path, name));
   const int vocab = static_cast<int>(model.config().vocab_size);
   std::string tok = tokenizer;
+  if (tok.empty() && embedded) {
+    check_vocabulary(*embedded, model.config(), path);
+    return {std::move(model), std::move(embedded)};
+  }
   if (tok.empty()) {
     const fs::path base = dir ? fs::path(path) : fs::path(path).parent_path();
     std::vector<std::string> names = {"tokenizer.json", "tokenizer.model", "tokenizer.bin"};

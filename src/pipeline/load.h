@@ -14,9 +14,10 @@ struct LoadedModel {
   std::unique_ptr<Tokenizer> tokenizer;  // null when none was found and none was required
 };
 
-// path: a Hugging Face directory (config.json), a llama2.c .bin checkpoint, or an edkm
-// compressed model (its projections computed from the packed indices by PalettizedLinear;
-// its embedded tokenizer is used unless one is given).
+// path: a Hugging Face directory (config.json), a llama2.c .bin checkpoint, a GGUF file
+// (dequantized to fp32; its tokenizer.ggml.* vocabulary is used unless a tokenizer is given), or
+// an edkm compressed model (its projections computed from the packed indices by
+// PalettizedLinear; its embedded tokenizer is used unless one is given).
 // tokenizer: an explicit tokenizer file; otherwise one is looked for in the model directory
 // (tokenizer.json, tokenizer.model, tokenizer.bin) or beside a .bin checkpoint (tokenizer.bin, tok<vocab>.bin,
 // tokenizer.model). With require_tokenizer, not finding one is an InputError.

@@ -249,6 +249,12 @@ void read_pre_tokenizer(const json& j, const std::string& where, std::vector<Pre
     if (j.value("invert", false)) throw_input("{}: Split with invert is not supported", where);
     s.isolated = behavior == "Isolated";
     out.push_back(std::move(s));
+  } else if (t == "Digits") {
+    // Digits are split from the rest (SmolLM2), one by one with individual_digits: a Split on
+    // Unicode numerics (tokenizers tests char::is_numeric, i.e. \p{N}), Isolated.
+    PreTokenizeStep s{PreTokenizeStep::kSplit};
+    s.regex = std::make_shared<Regex>(j.value("individual_digits", false) ? "\\p{N}" : "\\p{N}+", where);
+    out.push_back(std::move(s));
   } else if (t == "ByteLevel") {
     PreTokenizeStep s{PreTokenizeStep::kByteLevel};
     s.add_prefix_space = j.value("add_prefix_space", false);
@@ -263,7 +269,7 @@ void read_pre_tokenizer(const json& j, const std::string& where, std::vector<Pre
       throw_input("{}: unknown prepend_scheme '{}'", where, s.prepend_scheme);
     out.push_back(std::move(s));
   } else {
-    throw_input("{}: pre-tokenizer type '{}' is not supported (Split, ByteLevel, Metaspace, Sequence are)", where, t);
+    throw_input("{}: pre-tokenizer type '{}' is not supported (Split, Digits, ByteLevel, Metaspace, Sequence are)", where, t);
   }
 }
 
