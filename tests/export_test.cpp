@@ -144,6 +144,17 @@ TEST(LutKernel, ProductsEqualDenseProductsOnTheDepalettizedWeights) {
   }
 }
 
+// A header longer than 64 KB (a 30-layer model's "clustered" entry, sorted before "format") is
+// still recognised as a compressed model.
+TEST(Reader, RecognisesFilesWithLongHeaders) {
+  test::TempDir tmp;
+  CompressedModel cm = stories_compressed(3, 0, tmp / "s.edkm");
+  cm.metadata["clustered_notes"] = std::string(100000, 'x');
+  write_compressed(tmp / "long.edkm", cm);
+  EXPECT_TRUE(is_compressed_file(tmp / "long.edkm"));
+  EXPECT_EQ(load_model(tmp / "long.edkm").model.config().n_layers, 5);
+}
+
 TEST(Reader, RejectsInconsistentFiles) {
   // A tiny model whose gate_proj (7 x 10 = 70 indices x 3 bits = 210 bits) leaves 6 padding bits.
   LlamaConfig c;

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cstring>
+#include <fstream>
 
 #include "common/error.h"
 #include "common/finite.h"
@@ -163,12 +164,17 @@ void write_compressed(const std::string& path, const CompressedModel& m) {
 }
 
 bool is_compressed_file(const std::string& path) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) return false;
-  std::string head(1 << 16, '\0');
-  head.resize(std::fread(head.data(), 1, head.size(), f));
-  std::fclose(f);
-  return head.size() >= 8 && head[8] == '{' && head.find(std::string("\"format\":\"") + kFormatName + "\"") != std::string::npos;
+  // The whole safetensors header: its metadata keys are sorted, and "clustered", which precedes
+  // "format", holds an entry per weight (over 64 KB for a 30-layer model).
+  std::ifstream f(path, std::ios::binary);
+  unsigned char len[8] = {};
+  if (!f.read(reinterpret_cast<char*>(len), 8)) return false;
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | len[i];
+  if (n < 2 || n > (uint64_t(100) << 20)) return false;
+  std::string header(n, '\0');
+  if (!f.read(header.data(), static_cast<std::streamsize>(n)) || header[0] != '{') return false;
+  return header.find(std::string("\"format\":\"") + kFormatName + "\"") != std::string::npos;
 }
 
 CompressedModel read_compressed(const std::string& path) {
