@@ -30,8 +30,8 @@ std::string text_of(const nlohmann::json& source) {
 
 // GPT-2's real vocabulary comes as vocab.json and merges.txt: its tokenizer.json is those two
 // under GPT-2's ByteLevel pipeline, with <|endoftext|> an added special token (as the Hub's
-// gpt2/tokenizer.json has it).
-std::unique_ptr<Tokenizer> gpt2_tokenizer() {
+// gpt2/tokenizer.json has it); with `digits`, SmolLM2's Digits pre-tokenizer goes first.
+std::unique_ptr<Tokenizer> gpt2_tokenizer(bool digits) {
   const std::string dir = test::asset("models/gpt2_tokenizer");
   nlohmann::json vocab = nlohmann::json::parse(read_file(dir + "/gpt2_vocab.json"));
   nlohmann::json merges = nlohmann::json::array();
@@ -43,7 +43,11 @@ std::unique_ptr<Tokenizer> gpt2_tokenizer() {
       {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
       {"decoder", {{"type", "ByteLevel"}}},
       {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges}}}};
-  return hf_tokenizer(j.dump(), dir);
+  nlohmann::json with = j;
+  if (digits)
+    with["pre_tokenizer"] = {{"type", "Sequence"},
+                             {"pretokenizers", {{{"type", "Digits"}, {"individual_digits", true}}, j["pre_tokenizer"]}}};
+  return hf_tokenizer(with.dump(), dir);
 }
 
 class HfTokenizerTest : public ::testing::TestWithParam<std::string> {};
@@ -51,7 +55,7 @@ class HfTokenizerTest : public ::testing::TestWithParam<std::string> {};
 TEST_P(HfTokenizerTest, SameIdsAndTextAsHuggingFaceTokenizers) {
   const std::string name = GetParam();
   std::unique_ptr<Tokenizer> tok =
-      name == "gpt2" ? gpt2_tokenizer() : load_tokenizer(test::asset("tokenizers/" + name + "/tokenizer.json"));
+      name.rfind("gpt2", 0) == 0 ? gpt2_tokenizer(name == "gpt2_digits") : load_tokenizer(test::asset("tokenizers/" + name + "/tokenizer.json"));
   EXPECT_EQ(tok->kind(), Tokenizer::Kind::kHuggingFace);
   EXPECT_EQ(tok->file_name(), "tokenizer.json");
   const nlohmann::json& ref = fixture()["tokenizers"][name];
@@ -73,7 +77,7 @@ TEST_P(HfTokenizerTest, SameIdsAndTextAsHuggingFaceTokenizers) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Real, HfTokenizerTest, ::testing::Values("llama2", "llama3_1", "qwen3", "gpt2"));
+INSTANTIATE_TEST_SUITE_P(Real, HfTokenizerTest, ::testing::Values("llama2", "llama3_1", "qwen3", "gpt2", "gpt2_digits"));
 
 // Round trip where nothing is normalized away: decode(encode(x)) == x.
 TEST(HfTokenizer, LosslessRoundTrip) {
