@@ -2,6 +2,9 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <functional>
+
 #include "cluster/cluster.h"
 #include "test_util.h"
 
@@ -37,6 +40,50 @@ TEST(KMeans, VectorCentres) {
   at::Tensor sorted = std::get<0>(C.select(1, 0).sort());
   EXPECT_NEAR(sorted[0].item<double>(), -2.0, 0.03);
   EXPECT_NEAR(sorted[1].item<double>(), 1.0, 0.03);
+}
+
+// Weighted squared error of sorted scalars v (weights w) against centroids c, each point at its
+// nearest centroid.
+double sse(const std::vector<double>& v, const std::vector<double>& w, const at::Tensor& c) {
+  double total = 0;
+  for (size_t u = 0; u < v.size(); ++u) {
+    double best = INFINITY;
+    for (int64_t j = 0; j < c.size(0); ++j) best = std::min(best, std::pow(v[u] - c[j][0].item<double>(), 2));
+    total += w[u] * best;
+  }
+  return total;
+}
+
+// The exact optimum against exhaustive search over every split of the sorted values into k runs
+// (an optimal 1-D clustering is such a split), and never worse than Lloyd from any seed.
+TEST(KMeans, OptimalIsTheExhaustiveOptimum) {
+  at::manual_seed(3);
+  for (int trial = 0; trial < 20; ++trial) {
+    const int64_t U = 9 + trial % 4, k = 2 + trial % 3;
+    at::Tensor v = std::get<0>(at::sort(at::randn({U}, at::kDouble) * (1 + trial)));
+    at::Tensor w = at::randint(1, 50, {U}, at::kDouble);
+    std::vector<double> x(v.data_ptr<double>(), v.data_ptr<double>() + U), m(w.data_ptr<double>(), w.data_ptr<double>() + U);
+    auto run_cost = [&](int64_t a, int64_t b) {  // weighted SSE of x[a, b) about its weighted mean
+      double W = 0, S = 0, c = 0;
+      for (int64_t u = a; u < b; ++u) W += m[u], S += m[u] * x[u];
+      for (int64_t u = a; u < b; ++u) c += m[u] * std::pow(x[u] - S / W, 2);
+      return c;
+    };
+    double best = INFINITY;
+    std::vector<int64_t> cut(k + 1);
+    std::function<void(int64_t, int64_t, double)> search = [&](int64_t run, int64_t start, double acc) {
+      if (run == k - 1) return void(best = std::min(best, acc + run_cost(start, U)));
+      for (int64_t end = start + 1; end <= U - (k - 1 - run); ++end) search(run + 1, end, acc + run_cost(start, end));
+    };
+    search(0, 0, 0);
+    at::Tensor c = weighted_kmeans(v.view({-1, 1}), w, k, PaletteInit::kOptimal, 0, 0);
+    EXPECT_NEAR(sse(x, m, c), best, 1e-9 * std::max(1.0, best)) << trial;
+    for (uint64_t seed = 0; seed < 5; ++seed)
+      EXPECT_LE(sse(x, m, c), sse(x, m, weighted_kmeans(v.view({-1, 1}), w, k, PaletteInit::kKMeansPP, seed, 100)) + 1e-9);
+  }
+  // Fewer distinct values than k: each value is a centroid, the last repeated.
+  at::Tensor c = weighted_kmeans(at::tensor({1.0, 2.0}).view({-1, 1}), at::tensor({3.0, 1.0}), 4, PaletteInit::kOptimal, 0, 0);
+  EXPECT_TRUE(at::equal(c.view({-1}), at::tensor({1.0, 2.0, 2.0, 2.0}, at::kDouble)));
 }
 
 TEST(Palettize, RoundTripEqualsNearestCentroid) {

@@ -18,7 +18,7 @@ void register_quantize(CLI::App& app) {
   auto config = std::make_shared<std::string>();
   add_model_args(cmd, *args);
   cmd->add_option("--method", *method, "kmeans or rtn")->check(CLI::IsMember({"kmeans", "rtn"}));
-  add_dkm_options(cmd, o->plan.defaults, {"bits", "group_size", "per_row_scale"});
+  add_dkm_options(cmd, o->plan.defaults, {"bits", "group_size", "per_row_scale", "init"});
   cmd->add_option("-o,--out", o->out, "Output model file")->required();
   cmd->add_option("--config", *config, "JSON compression config (which weights, per-name settings)");
   cmd->add_flag("--include-embeddings", o->plan.include_embeddings, "Also quantize embeddings and classifier");

@@ -35,6 +35,7 @@ enum class PaletteInit {
   kKMeansPP,  // weighted k-means++ seeding, then Lloyd iterations
   kQuantile,  // centroids at the weighted quantiles (j + 1/2) / k, then Lloyd iterations
   kGiven,     // the palette passed to init_palette, used as it is
+  kOptimal,   // scalars only: the exact weighted k-means optimum, by dynamic programming
 };
 
 enum class DKMMethod {
@@ -91,7 +92,7 @@ std::string to_string(ClusterDType t);
 std::string to_string(PaletteInit t);
 std::string to_string(DKMMethod m);
 ClusterDType parse_cluster_dtype(const std::string& s);  // fp32 | bf16 | fp16 | native
-PaletteInit parse_palette_init(const std::string& s);    // kmeans++ | quantile | given
+PaletteInit parse_palette_init(const std::string& s);    // kmeans++ | quantile | given | optimal
 DKMMethod parse_dkm_method(const std::string& s);        // dense | unique | auto
 
 // Per-row scale s_r = (max_r - min_r) / 2 over each output row ([rows], fp32); rows that are
@@ -137,7 +138,8 @@ at::Tensor depalettize(const Palettized& p, at::ScalarType dtype = at::kFloat);
 
 // Weighted Lloyd k-means of points `values` [U, d] with multiplicities `counts` [U] (the
 // distinct values of a weight and how often each occurs). Returns [k, d] centroids, sorted
-// ascending for d = 1. Deterministic for a given seed.
+// ascending for d = 1. Deterministic for a given seed. With kOptimal (d = 1 only) the centroids
+// minimise the weighted squared error exactly (no seeding, no iterations).
 at::Tensor weighted_kmeans(const at::Tensor& values, const at::Tensor& counts, int64_t k,
                            PaletteInit init, uint64_t seed, int max_iters);
 

@@ -32,6 +32,8 @@ void DKMConfig::validate() const {
   });
   if ((marshal || uniquify || shard) && method != DKMMethod::kEDKM)
     throw_invalid("marshal / uniquify / shard are eDKM techniques of method 'edkm', not '{}'", to_string(method));
+  if (init == PaletteInit::kOptimal && cluster_dim != 1)
+    throw_invalid("init 'optimal' clusters scalars: it needs cluster_dim 1, got {}", cluster_dim);
 }
 
 void parse_setting(const std::string& s, ClusterDType& out) { out = parse_cluster_dtype(s); }
@@ -103,6 +105,7 @@ std::string to_string(PaletteInit t) {
     case PaletteInit::kKMeansPP: return "kmeans++";
     case PaletteInit::kQuantile: return "quantile";
     case PaletteInit::kGiven: return "given";
+    case PaletteInit::kOptimal: return "optimal";
   }
   return "?";
 }
@@ -129,7 +132,8 @@ PaletteInit parse_palette_init(const std::string& s) {
   if (s == "kmeans++") return PaletteInit::kKMeansPP;
   if (s == "quantile") return PaletteInit::kQuantile;
   if (s == "given") return PaletteInit::kGiven;
-  throw_invalid("unknown palette init '{}' (expected kmeans++, quantile or given)", s);
+  if (s == "optimal") return PaletteInit::kOptimal;
+  throw_invalid("unknown palette init '{}' (expected kmeans++, quantile, given or optimal)", s);
 }
 
 DKMMethod parse_dkm_method(const std::string& s) {

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <limits>
 #include <numeric>
 #include <random>
 
@@ -175,6 +177,63 @@ void lloyd_nd(const Points& p, std::vector<double>& C, int max_iters) {
   }
 }
 
+// The weighted k-means optimum of sorted scalars x_0 <= ... <= x_{U-1} with weights w_u: the
+// clusters of an optimal solution are runs of consecutive values, so with
+//   cost(j, i) = sum_{j <= u < i} w_u (x_u - mean_{j..i})^2 = Q(j, i) - S(j, i)^2 / W(j, i)
+// (prefix sums of w, w x, w x^2) the optimum of m + 1 clusters over the first i values is
+//   D_m(i) = min_{m <= j < i} D_{m-1}(j) + cost(j, i),   D_0(i) = cost(0, i).
+// The minimising j is non-decreasing in i (cost satisfies the quadrangle inequality), so each
+// row is computed by divide and conquer: O(k U log U) time, O(k U) memory for the argmins
+// (Wang & Song 2011, Ckmeans.1d.dp; Gronlund et al. 2017).
+std::vector<double> optimal_1d(const Points& p, int64_t k) {
+  const int64_t U = p.size(), K = std::min(k, U);
+  // Centred values keep Q - S^2 / W from cancelling for weights far from zero.
+  double mean = 0, total = 0;
+  for (int64_t u = 0; u < U; ++u) mean += p.w[u] * p.x[u], total += p.w[u];
+  mean /= total;
+  std::vector<double> W(U + 1, 0), S(U + 1, 0), Q(U + 1, 0);
+  for (int64_t u = 0; u < U; ++u) {
+    const double x = p.x[u] - mean;
+    W[u + 1] = W[u] + p.w[u];
+    S[u + 1] = S[u] + p.w[u] * x;
+    Q[u + 1] = Q[u] + p.w[u] * x * x;
+  }
+  auto cost = [&](int64_t j, int64_t i) {
+    const double w = W[i] - W[j], s = S[i] - S[j];
+    return std::max(0.0, Q[i] - Q[j] - s * s / w);
+  };
+  std::vector<double> prev(U + 1), cur(U + 1);
+  std::vector<std::vector<int32_t>> arg(K, std::vector<int32_t>(U + 1, 0));
+  for (int64_t i = 1; i <= U; ++i) prev[i] = cost(0, i);
+  for (int64_t m = 1; m < K; ++m) {
+    // Rows i in [ilo, ihi] with their argmins known to lie in [jlo, jhi].
+    std::function<void(int64_t, int64_t, int64_t, int64_t)> solve = [&](int64_t ilo, int64_t ihi, int64_t jlo,
+                                                                        int64_t jhi) {
+      if (ilo > ihi) return;
+      const int64_t i = (ilo + ihi) / 2;
+      int64_t best = std::max(jlo, m);
+      double best_value = std::numeric_limits<double>::infinity();
+      for (int64_t j = std::max(jlo, m); j <= std::min(jhi, i - 1); ++j) {
+        const double v = prev[j] + cost(j, i);
+        if (v < best_value) best_value = v, best = j;
+      }
+      cur[i] = best_value;
+      arg[m][i] = static_cast<int32_t>(best);
+      solve(ilo, i - 1, jlo, best);
+      solve(i + 1, ihi, best, jhi);
+    };
+    solve(m + 1, U, m, U - 1);
+    std::swap(prev, cur);
+  }
+  std::vector<double> C(K);
+  for (int64_t m = K - 1, i = U; m >= 0; --m) {
+    const int64_t j = m == 0 ? 0 : arg[m][i];
+    C[m] = (S[i] - S[j]) / (W[i] - W[j]) + mean;
+    i = j;
+  }
+  return C;
+}
+
 }  // namespace
 
 at::Tensor weighted_kmeans(const at::Tensor& values, const at::Tensor& counts, int64_t k,
@@ -200,9 +259,15 @@ at::Tensor weighted_kmeans(const at::Tensor& values, const at::Tensor& counts, i
   p.x.assign(v.data_ptr<double>(), v.data_ptr<double>() + v.numel());
   p.w.assign(n.data_ptr<double>(), n.data_ptr<double>() + n.numel());
 
-  std::vector<double> C = init == PaletteInit::kQuantile ? seed_quantile(p, k) : seed_kmeanspp(p, k, seed);
-  C = complete_seeds(p, C, k);
-  if (p.d == 1) lloyd_1d(p, C, max_iters); else lloyd_nd(p, C, max_iters);
+  std::vector<double> C;
+  if (init == PaletteInit::kOptimal) {
+    if (p.d != 1) throw_invalid("weighted_kmeans: 'optimal' clusters scalars, got points of {} dimensions", p.d);
+    C = optimal_1d(p, k);
+  } else {
+    C = init == PaletteInit::kQuantile ? seed_quantile(p, k) : seed_kmeanspp(p, k, seed);
+    C = complete_seeds(p, C, k);
+    if (p.d == 1) lloyd_1d(p, C, max_iters); else lloyd_nd(p, C, max_iters);
+  }
   // Fewer distinct points than k: repeat the last centroid.
   while (static_cast<int64_t>(C.size()) < k * p.d) C.insert(C.end(), C.end() - p.d, C.end());
   return at::from_blob(C.data(), {k, p.d}, at::kDouble).clone();

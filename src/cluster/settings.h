@@ -43,7 +43,7 @@ void for_each_dkm_setting(Config& c, Visit&& visit) {
         c.per_row_scale);
   visit(DKMSetting{"cluster_dtype", "--cluster-dtype", "Rounding before clustering: bf16, fp16, fp32 or native"},
         c.cluster_dtype);
-  visit(DKMSetting{"init", "--palette-init", "First palettes: kmeans++ or quantile"}, c.init);
+  visit(DKMSetting{"init", "--palette-init", "First palettes: kmeans++, quantile (then Lloyd), or optimal (exact 1-D k-means)"}, c.init);
   visit(DKMSetting{"seed", "--kmeans-seed", "Seed of the k-means++ initialisation"}, c.seed);
   visit(DKMSetting{"method", "--dkm-method",
                    "auto, unique, dense, or edkm (dense with --marshal / --uniquify / --shard)"},
