@@ -145,17 +145,29 @@ void scale_min_k4(int j, const uint8_t* q, uint8_t& d, uint8_t& m) {
   }
 }
 
+// d * scale and dmin * min of sub-blocks `is` and `is + 1` of a Q4_K / Q5_K super-block.
+struct SubBlockScales {
+  float d1, m1, d2, m2;
+};
+SubBlockScales sub_block_scales(const uint8_t* scales, int is, float d, float min) {
+  uint8_t sc, m;
+  scale_min_k4(is, scales, sc, m);
+  SubBlockScales s;
+  s.d1 = d * sc;
+  s.m1 = min * m;
+  scale_min_k4(is + 1, scales, sc, m);
+  s.d2 = d * sc;
+  s.m2 = min * m;
+  return s;
+}
+
 // block_q4_K: d, dmin, scales[12], qs[128].
 void q4_k(const uint8_t* b, float* y) {
   const float d = half(b), min = half(b + 2);
   const uint8_t* scales = b + 4;
   const uint8_t* q = b + 16;
   for (int j = 0, is = 0; j < 256; j += 64, is += 2) {
-    uint8_t sc, m;
-    scale_min_k4(is, scales, sc, m);
-    const float d1 = d * sc, m1 = min * m;
-    scale_min_k4(is + 1, scales, sc, m);
-    const float d2 = d * sc, m2 = min * m;
+    const auto [d1, m1, d2, m2] = sub_block_scales(scales, is, d, min);
     for (int l = 0; l < 32; ++l) *y++ = d1 * (q[l] & 0xF) - m1;
     for (int l = 0; l < 32; ++l) *y++ = d2 * (q[l] >> 4) - m2;
     q += 32;
@@ -170,11 +182,7 @@ void q5_k(const uint8_t* b, float* y) {
   const uint8_t* ql = b + 48;
   uint8_t u1 = 1, u2 = 2;
   for (int j = 0, is = 0; j < 256; j += 64, is += 2) {
-    uint8_t sc, m;
-    scale_min_k4(is, scales, sc, m);
-    const float d1 = d * sc, m1 = min * m;
-    scale_min_k4(is + 1, scales, sc, m);
-    const float d2 = d * sc, m2 = min * m;
+    const auto [d1, m1, d2, m2] = sub_block_scales(scales, is, d, min);
     for (int l = 0; l < 32; ++l) *y++ = d1 * ((ql[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
     for (int l = 0; l < 32; ++l) *y++ = d2 * ((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
     ql += 32;
