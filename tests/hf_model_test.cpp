@@ -220,7 +220,6 @@ TEST(HfConfig, CliRefusalsNameTheFileAndWriteNothing) {
 TEST(HfConfig, TokenizerMayBeSmallerThanTheEmbedding) {
   test::TempDir tmp;
   LoadedModel m = load_model(fixture("qwen2"));
-  nlohmann::json cj = nlohmann::json::parse(read_file(fixture("qwen2") + "/config.json"));
   for (int64_t vocab : {512, 300}) {
     const std::string dir = tmp / ("v" + std::to_string(vocab));
     fs::create_directories(dir);
