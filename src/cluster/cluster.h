@@ -103,8 +103,13 @@ at::Tensor row_scales(const at::Tensor& weight);
 // of the prepared weight, seeded as cfg.init says. For kGiven, `given` ([k, d], [G, k, d] or
 // [k] for scalars) is validated and broadcast to every group. When a group has fewer distinct
 // values than k, the palette holds each value once and repeats the largest.
+// `importance` (weight-shaped, >= 0, optional) weighs each weight in the k-means objective
+// sum_i f_i |x_i - c(i)|^2 instead of 1: sensitivity-weighted k-means (SqueezeLLM, Kim et al.
+// 2023, eq. 4, with f the diagonal Fisher information); a distinct value weighs the sum of its
+// weights' importances.
 at::Tensor init_palette(const at::Tensor& weight, const DKMConfig& cfg,
-                        const at::Tensor& scale = {}, const at::Tensor& given = {});
+                        const at::Tensor& scale = {}, const at::Tensor& given = {},
+                        const at::Tensor& importance = {});
 
 struct DKMResult {
   at::Tensor weight;            // soft-clustered weight: shape, dtype, device of the input
@@ -157,5 +162,23 @@ struct RTNConfig {
 };
 // Returns the quantize-dequantize weight (same shape and dtype).
 at::Tensor rtn_quantize(const at::Tensor& weight, const RTNConfig& cfg);
+
+// GPTQ (gptq.cpp): the same grid, each column rounded in turn and its error spread over the
+// columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
+struct GPTQConfig {
+  int bits = 4;
+  // Columns per scale and zero point along a row (GPTQ's groupsize; 128 in the paper's grouped
+  // results); 0: one grid per row.
+  int64_t group_size = 128;
+  bool symmetric = false;
+  // H + damp * mean(diag H) * I is factorised (GPTQ's percdamp).
+  double damp = 0.01;
+  // Columns per lazy-batch block.
+  int64_t block_size = 128;
+  void validate() const;
+};
+// weight [rows, cols]; hessian [cols, cols] = sum over calibration inputs x of x x^T (any
+// positive multiple). Returns the quantize-dequantize weight (same shape and dtype).
+at::Tensor gptq_quantize(const at::Tensor& weight, const at::Tensor& hessian, const GPTQConfig& cfg);
 
 }  // namespace edkm

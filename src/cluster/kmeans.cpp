@@ -274,7 +274,7 @@ at::Tensor weighted_kmeans(const at::Tensor& values, const at::Tensor& counts, i
 }
 
 at::Tensor init_palette(const at::Tensor& weight, const DKMConfig& cfg, const at::Tensor& scale,
-                        const at::Tensor& given) {
+                        const at::Tensor& given, const at::Tensor& importance) {
   using namespace detail;
   const GroupLayout layout = GroupLayout::of(weight, cfg);
   at::Tensor s = checked_scale(scale, layout, cfg, weight);
@@ -290,9 +290,22 @@ at::Tensor init_palette(const at::Tensor& weight, const DKMConfig& cfg, const at
   at::NoGradGuard no_grad;
   const bool pattern = is_16bit(rounding_dtype(weight, cfg.cluster_dtype)) && layout.dim == 1;
   auto index = pattern ? make_pattern_index(weight, layout, cfg, s) : make_sorted_index(weight, layout, cfg, s);
+  at::Tensor counts = index->counts();
+  if (importance.defined()) {
+    if (!importance.sizes().equals(weight.sizes()))
+      throw_invalid("importance must have the weight's shape {}, got {}", c10::str(weight.sizes()),
+                    c10::str(importance.sizes()));
+    check_finite(importance, "importance");
+    if (importance.lt(0).any().item<bool>()) throw_invalid("importance must be >= 0");
+    // aggregate() sums s_r * f_i per distinct value; dividing by s_r first leaves sum f_i. A
+    // vector weighs the sum over its components.
+    at::Tensor f = importance.detach().to(at::kFloat).reshape({layout.rows, layout.cols});
+    if (s.defined()) f = f / s.unsqueeze(1);
+    counts = index->aggregate(f).sum(-1);
+  }
   std::vector<at::Tensor> palettes;
   for (int64_t g = 0; g < layout.groups; ++g) {
-    palettes.push_back(weighted_kmeans(index->values()[g], index->counts()[g], cfg.k(), cfg.init,
+    palettes.push_back(weighted_kmeans(index->values()[g], counts[g], cfg.k(), cfg.init,
                                        cfg.seed + static_cast<uint64_t>(g), cfg.kmeans_max_iters));
   }
   return at::stack(palettes).to(opts);

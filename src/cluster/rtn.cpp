@@ -1,32 +1,45 @@
-// Round-to-nearest uniform quantization (the post-training baseline), following the quantizer
-// of GPTQ (Frantar et al. 2022, quant.py): the range [min, max] is widened to contain 0, an
-// all-zero group gets [-1, 1], and q = clamp(round(w / scale) + zero, 0, 2^b - 1).
+// Round-to-nearest uniform quantization (the post-training baseline) on GPTQ's grid
+// (uniform_grid.h).
 #include <ATen/ATen.h>
 
 #include "cluster/cluster.h"
 #include "cluster/layout.h"
+#include "cluster/uniform_grid.h"
 #include "common/error.h"
 
 namespace edkm {
 
-namespace {
+namespace detail {
 
-// Quantize-dequantize each row of w [groups, n] as one group.
-at::Tensor quantize_groups(const at::Tensor& w, const RTNConfig& cfg) {
-  const double maxq = double((1 << cfg.bits) - 1);
+UniformGrid UniformGrid::fit(const at::Tensor& w, int bits, bool symmetric) {
+  UniformGrid g;
+  g.maxq = double((1 << bits) - 1);
   at::Tensor lo = at::clamp_max(std::get<0>(w.min(1, true)), 0);
   at::Tensor hi = at::clamp_min(std::get<0>(w.max(1, true)), 0);
-  if (cfg.symmetric) {
+  if (symmetric) {
     hi = at::maximum(lo.abs(), hi);
     lo = at::where(lo < 0, -hi, lo);
   }
   at::Tensor both_zero = (lo == 0) & (hi == 0);
   lo = at::where(both_zero, at::full_like(lo, -1), lo);
   hi = at::where(both_zero, at::full_like(hi, 1), hi);
-  at::Tensor scale = (hi - lo) / maxq;
-  at::Tensor zero = cfg.symmetric ? at::full_like(scale, (maxq + 1) / 2) : at::round(-lo / scale);
-  at::Tensor q = at::clamp(at::round(w / scale) + zero, 0, maxq);
+  g.scale = (hi - lo) / g.maxq;
+  g.zero = symmetric ? at::full_like(g.scale, (g.maxq + 1) / 2) : at::round(-lo / g.scale);
+  return g;
+}
+
+at::Tensor UniformGrid::apply(const at::Tensor& x) const {
+  at::Tensor q = at::clamp(at::round(x / scale) + zero, 0, maxq);
   return scale * (q - zero);
+}
+
+}  // namespace detail
+
+namespace {
+
+// Quantize-dequantize each row of w [groups, n] as one group.
+at::Tensor quantize_groups(const at::Tensor& w, const RTNConfig& cfg) {
+  return detail::UniformGrid::fit(w, cfg.bits, cfg.symmetric).apply(w);
 }
 
 }  // namespace

@@ -127,6 +127,32 @@ struct LayerParams {
   }
 };
 
+// A weight's tensor in one pass: its override, if any; undefined when the config has none.
+at::Tensor pass_tensor(const BoundWeight& b, const WeightOverrides* ov) {
+  if (!b) return {};
+  if (ov) {
+    auto it = ov->find(b.name);
+    if (it != ov->end()) return it->second;
+  }
+  return *b.tensor;
+}
+
+// A projection in one pass: by its kernel, unless its weight is overridden.
+Proj pass_proj(const BoundLinear& b, const WeightOverrides* ov) {
+  Proj p;
+  if (b.weight.kernel && !(ov && ov->count(b.weight.name))) p.kernel = b.weight.kernel.get();
+  else p.w = pass_tensor(b.weight, ov);
+  p.b = pass_tensor(b.bias, ov);
+  return p;
+}
+
+LayerParams pass_params(const LayerWeights& L, const WeightOverrides* ov) {
+  auto t = [&](const BoundWeight& b) { return pass_tensor(b, ov); };
+  auto p = [&](const BoundLinear& b) { return pass_proj(b, ov); };
+  return {t(L.attn_norm), t(L.q_norm), t(L.k_norm), t(L.mlp_norm), p(L.q),  p(L.k),
+          p(L.v),         p(L.o),      p(L.gate),   p(L.up),       p(L.down)};
+}
+
 // A decoder layer. cache_k/cache_v ([B, n_kv, capacity, d]) are defined when decoding
 // incrementally; `pos` is then the position of the first of the T new tokens.
 at::Tensor decoder_layer(const LlamaConfig& c, const at::Tensor& x, const LayerParams& p,
@@ -327,7 +353,8 @@ void Llama::to(at::Device device) {
 
 void Llama::set_kernel(const std::string& name, std::shared_ptr<const LinearKernel> kernel) {
   weight(name);  // must exist
-  kernels_[name] = std::move(kernel);
+  if (kernel) kernels_[name] = std::move(kernel);
+  else kernels_.erase(name);
   bind();
 }
 
@@ -358,31 +385,11 @@ at::Tensor Llama::run(const at::Tensor& tokens, const ForwardOptions& opts, KVCa
   if (pos + T > cfg_.max_seq_len)
     throw_invalid("sequence of {} tokens exceeds the model's context of {}", pos + T, cfg_.max_seq_len);
   const WeightOverrides* ov = opts.overrides;
-  // A weight's tensor in this pass (its override, if any; undefined when the config has none),
-  // and a projection by kernel or matmul.
-  auto tensor = [&](const BoundWeight& b) -> at::Tensor {
-    if (!b) return {};
-    if (ov) {
-      auto it = ov->find(b.name);
-      if (it != ov->end()) return it->second;
-    }
-    return *b.tensor;
-  };
-  auto proj = [&](const BoundLinear& b) {
-    Proj p;
-    if (b.weight.kernel && !(ov && ov->count(b.weight.name))) p.kernel = b.weight.kernel.get();
-    else p.w = tensor(b.weight);
-    p.b = tensor(b.bias);
-    return p;
-  };
-  at::Tensor h = at::embedding(tensor(embed_), tokens);
+  at::Tensor h = at::embedding(pass_tensor(embed_, ov), tokens);
   auto [cos, sin] = rope_tables(cfg_, pos, T, h.options());
 
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
-    const LayerWeights& L = layers_[l];
-    LayerParams p{tensor(L.attn_norm), tensor(L.q_norm), tensor(L.k_norm), tensor(L.mlp_norm),
-                  proj(L.q),           proj(L.k),        proj(L.v),        proj(L.o),
-                  proj(L.gate),        proj(L.up),       proj(L.down)};
+    LayerParams p = pass_params(layers_[l], ov);
     at::Tensor ck = cache ? cache->k[l] : at::Tensor(), cv = cache ? cache->v[l] : at::Tensor();
     if (opts.checkpoint_layers && !cache && !p.any_kernel() && at::GradMode::is_enabled()) {
       // The layer's defined tensors travel as a flat list; `present` puts them back in place.
@@ -408,13 +415,46 @@ at::Tensor Llama::run(const at::Tensor& tokens, const ForwardOptions& opts, KVCa
       h = decoder_layer(cfg_, h, p, cos, sin, ck, cv, pos);
     }
   }
-  h = rms_norm(h, tensor(final_norm_), cfg_.norm_eps);
-  return proj(BoundLinear{classifier_, {}})(h);
+  h = rms_norm(h, pass_tensor(final_norm_, ov), cfg_.norm_eps);
+  return pass_proj(BoundLinear{classifier_, {}}, ov)(h);
+}
+
+at::Tensor Llama::embed(const at::Tensor& tokens) const {
+  if (tokens.dim() != 2) throw_invalid("tokens must be [batch, T], got {}", c10::str(tokens.sizes()));
+  return at::embedding(*embed_.tensor, tokens);
+}
+
+at::Tensor Llama::layer(int64_t l, const at::Tensor& hidden) const {
+  if (l < 0 || l >= cfg_.n_layers) throw_invalid("layer {} out of range [0, {})", l, cfg_.n_layers);
+  if (hidden.dim() != 3 || hidden.size(2) != cfg_.dim)
+    throw_invalid("hidden states must be [batch, T, {}], got {}", cfg_.dim, c10::str(hidden.sizes()));
+  const int64_t T = hidden.size(1);
+  if (T > cfg_.max_seq_len) throw_invalid("sequence of {} tokens exceeds the model's context of {}", T, cfg_.max_seq_len);
+  auto [cos, sin] = rope_tables(cfg_, 0, T, hidden.options());
+  return decoder_layer(cfg_, hidden, pass_params(layers_[l], nullptr), cos, sin, {}, {}, 0);
 }
 
 at::Tensor next_token_loss(const at::Tensor& logits, const at::Tensor& targets, at::Reduction::Reduction reduction) {
   return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(wide(logits.scalar_type())),
                                 targets.reshape({-1}), {}, reduction, kIgnoreIndex);
+}
+
+at::Tensor distillation_loss(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& targets,
+                             double tau, at::Reduction::Reduction reduction) {
+  if (!(tau > 0)) throw_invalid("distillation temperature must be > 0, got {}", tau);
+  if (!student.sizes().equals(teacher.sizes()))
+    throw_invalid("student logits {} and teacher logits {} differ in shape", c10::str(student.sizes()),
+                  c10::str(teacher.sizes()));
+  const at::ScalarType t = wide(student.scalar_type());
+  const int64_t V = student.size(-1);
+  at::Tensor keep = targets.reshape({-1}) != kIgnoreIndex;
+  at::Tensor ls = at::log_softmax(student.reshape({-1, V}).to(t) / tau, -1);
+  at::Tensor lt = at::log_softmax(teacher.detach().reshape({-1, V}).to(t) / tau, -1);
+  // KL(p_t || p_s) = sum_v p_t (log p_t - log p_s), per position.
+  at::Tensor kl = (lt.exp() * (lt - ls)).sum(-1).masked_fill(~keep, 0) * (tau * tau);
+  at::Tensor sum = kl.sum();
+  if (reduction == at::Reduction::Sum) return sum;
+  return sum / keep.sum().clamp_min(1).to(t);
 }
 
 }  // namespace edkm

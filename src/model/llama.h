@@ -95,7 +95,8 @@ class Llama {
   void to(at::ScalarType dtype);
   void to(at::Device device);
 
-  // Computes this projection with `kernel` instead of its dense weight.
+  // Computes this projection with `kernel` instead of its dense weight (null: the dense weight
+  // again).
   void set_kernel(const std::string& name, std::shared_ptr<const LinearKernel> kernel);
 
   // tokens [B, T] int64 -> logits [B, T, vocab] in the model's dtype; differentiable.
@@ -103,6 +104,12 @@ class Llama {
   // Incremental decoding: appends tokens [B, T] at cache.pos and returns their logits.
   at::Tensor forward(const at::Tensor& tokens, KVCache& cache) const;
   KVCache new_cache(int64_t batch, int64_t capacity) const;
+  // The decoder one layer at a time, for layer-wise post-training quantization (GPTQ), which
+  // keeps the hidden states between layers: the embeddings of tokens [B, T], and layer l applied
+  // to hidden states [B, T, dim] at positions 0..T-1. forward(tokens) is the final norm and the
+  // classifier after layers 0..n-1 applied in turn to embed(tokens).
+  at::Tensor embed(const at::Tensor& tokens) const;
+  at::Tensor layer(int64_t l, const at::Tensor& hidden) const;
 
  private:
   at::Tensor run(const at::Tensor& tokens, const ForwardOptions& opts, KVCache* cache) const;
@@ -123,5 +130,12 @@ constexpr int kIgnoreIndex = -100;
 // (Sum) over the targets that are not kIgnoreIndex. Computed in fp32 (fp64 for fp64 logits).
 at::Tensor next_token_loss(const at::Tensor& logits, const at::Tensor& targets,
                            at::Reduction::Reduction reduction = at::Reduction::Mean);
+
+// Distillation loss of student logits against teacher logits (both [B, T, V]) at temperature
+// tau: tau^2 KL(softmax(teacher / tau) || softmax(student / tau)) at each position whose target
+// is not kIgnoreIndex, averaged (Mean) or summed (Sum) over those positions. fp32 (fp64 for
+// fp64 logits); no gradient flows to the teacher.
+at::Tensor distillation_loss(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& targets,
+                             double tau, at::Reduction::Reduction reduction = at::Reduction::Mean);
 
 }  // namespace edkm

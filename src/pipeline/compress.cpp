@@ -35,7 +35,15 @@ CompressReport run_compress(LoadedModel& m, const CompressOptions& o) {
     WeightOverrides ptq = clustering.hard(model);
     r.val_kmeans = evaluate(model, &ptq, data.val, o.train.eval_batch, pad);
   }
-  r.train = train(model, o.cluster ? &clustering : nullptr, data, o.train);
+  TrainOptions topts = o.train;
+  if (o.distill) {
+    // The teacher is the model as loaded, in copies of its own: training updates the student's
+    // tensors in place.
+    std::map<std::string, at::Tensor> frozen;
+    for (const auto& [name, w] : model.weights()) frozen[name] = w.detach().to(o.teacher_dtype, false, /*copy=*/true);
+    topts.teacher = std::make_shared<const Llama>(model.config(), std::move(frozen), "teacher");
+  }
+  r.train = train(model, o.cluster ? &clustering : nullptr, data, topts);
   r.val_soft = r.train.val_loss_end;
   // Every learner holds the same trained model; the first writes it.
   if (r.train.interrupted || (o.train.dist && !o.train.dist->is_main())) return r;
@@ -49,6 +57,7 @@ CompressReport run_compress(LoadedModel& m, const CompressOptions& o) {
   CompressedModel cm = make_compressed(model, packed, settings, m.tokenizer.get(), o.dense_dtype);
   cm.metadata["edkm_version"] = EDKM_VERSION;
   cm.metadata["method"] = o.cluster ? "dkm" : "fine-tuned";
+  if (o.distill) cm.metadata["distill"] = fmt::format("T={} alpha={}", o.train.distill_temperature, o.train.distill_alpha);
   if (o.cluster) cm.metadata["bits"] = std::to_string(o.plan.defaults.bits);
   cm.metadata["source_model"] = model.config().to_hf().dump();
   write_compressed(o.out, cm);
@@ -97,6 +106,7 @@ nlohmann::json CompressReport::to_json() const {
           {"dropped_examples", dropped},
           {"clustered_weights", clustered},
           {"steps", train.total_steps},
+          {"tokens_seen", train.tokens},
           {"seconds", train.seconds},
           {"tokens_per_second", train.tokens / std::max(1e-9, train.seconds)},
           {"peak_rss_bytes", train.peak_rss},

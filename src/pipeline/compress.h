@@ -30,6 +30,10 @@ struct CompressOptions {
   TrainOptions train;
   bool cluster = true;  // false: plain fine-tuning (the memory baseline), written unclustered
   at::ScalarType dense_dtype = at::ScalarType::Undefined;  // storage of unclustered tensors
+  // Distil from the model as loaded, frozen in teacher_dtype (train.distill_temperature and
+  // train.distill_alpha set the loss).
+  bool distill = false;
+  at::ScalarType teacher_dtype = at::kBFloat16;
 };
 
 struct CompressReport {

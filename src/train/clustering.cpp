@@ -83,14 +83,21 @@ std::vector<std::pair<std::string, DKMConfig>> ClusteringPlan::resolve(const Lla
   return out;
 }
 
-Clustering::Clustering(const Llama& model, const std::vector<std::pair<std::string, DKMConfig>>& plan) {
+Clustering::Clustering(const Llama& model, const std::vector<std::pair<std::string, DKMConfig>>& plan,
+                       const std::map<std::string, at::Tensor>* importance) {
   at::NoGradGuard no_grad;
   for (const auto& [name, cfg] : plan) {
     const at::Tensor& w = model.weight(name);
     ClusteredWeight cw{name, cfg, {}, {}};
     try {
       if (cfg.per_row_scale) cw.scale = row_scales(w);
-      cw.palette = init_palette(w, cfg, cw.scale);
+      at::Tensor f;
+      if (importance) {
+        auto it = importance->find(name);
+        if (it == importance->end()) throw_invalid("no importance for {}", name);
+        f = it->second;
+      }
+      cw.palette = init_palette(w, cfg, cw.scale, {}, f);
     } catch (const std::invalid_argument& e) {
       throw_input("{}: {}", name, e.what());
     }

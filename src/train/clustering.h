@@ -17,6 +17,8 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include <map>
+
 #include <string>
 #include <vector>
 
@@ -54,8 +56,11 @@ struct ClusteredWeight {
 class Clustering {
  public:
   Clustering() = default;
-  // Per-row scales and initial palettes from the (pretrained) weights.
-  Clustering(const Llama& model, const std::vector<std::pair<std::string, DKMConfig>>& plan);
+  // Per-row scales and initial palettes from the (pretrained) weights; with `importance`
+  // (weight-shaped, by name; e.g. fisher_diagonal()), the palettes minimise the importance-
+  // weighted squared error (init_palette).
+  Clustering(const Llama& model, const std::vector<std::pair<std::string, DKMConfig>>& plan,
+             const std::map<std::string, at::Tensor>* importance = nullptr);
 
   const std::vector<ClusteredWeight>& weights() const { return weights_; }
   std::vector<ClusteredWeight>& weights() { return weights_; }

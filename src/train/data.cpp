@@ -22,7 +22,7 @@ struct AlpacaRecord {
 };
 
 // A JSON array of objects, or one object per line (JSONL).
-std::vector<AlpacaRecord> parse_alpaca(const std::string& text, const std::string& path) {
+std::vector<nlohmann::json> parse_records(const std::string& text, const std::string& path) {
   std::vector<nlohmann::json> items;
   size_t first = text.find_first_not_of(" \t\r\n");
   if (first != std::string::npos && text[first] == '[') {
@@ -45,20 +45,33 @@ std::vector<AlpacaRecord> parse_alpaca(const std::string& text, const std::strin
       }
     }
   }
+  return items;
+}
+
+// A string field of record i ("" when absent and not required).
+std::string record_field(const nlohmann::json& x, size_t i, const char* key, bool required, const std::string& path) {
+  if (!x.is_object()) throw_input("{}: example {} is not an object", path, i + 1);
+  auto it = x.find(key);
+  if (it == x.end() || it->is_null()) {
+    if (required) throw_input("{}: example {} has no \"{}\"", path, i + 1, key);
+    return "";
+  }
+  if (!it->is_string()) throw_input("{}: example {}: \"{}\" is not a string", path, i + 1, key);
+  return it->get<std::string>();
+}
+
+// Records of documents ({"text": ...}, as C4 and most pre-training corpora ship) rather than
+// Alpaca examples: the first record has "text" and no "instruction".
+bool is_documents(const std::vector<nlohmann::json>& items) {
+  return !items.empty() && items[0].is_object() && items[0].contains("text") && !items[0].contains("instruction");
+}
+
+std::vector<AlpacaRecord> parse_alpaca(const std::vector<nlohmann::json>& items, const std::string& path) {
   std::vector<AlpacaRecord> out;
   for (size_t i = 0; i < items.size(); ++i) {
     const auto& x = items[i];
-    auto field = [&](const char* key, bool required) -> std::string {
-      if (!x.is_object()) throw_input("{}: example {} is not an object", path, i + 1);
-      auto it = x.find(key);
-      if (it == x.end() || it->is_null()) {
-        if (required) throw_input("{}: example {} has no \"{}\"", path, i + 1, key);
-        return "";
-      }
-      if (!it->is_string()) throw_input("{}: example {}: \"{}\" is not a string", path, i + 1, key);
-      return it->get<std::string>();
-    };
-    out.push_back({field("instruction", true), field("input", false), field("output", true)});
+    out.push_back({record_field(x, i, "instruction", true, path), record_field(x, i, "input", false, path),
+                   record_field(x, i, "output", true, path)});
   }
   return out;
 }
@@ -123,9 +136,36 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
   sum.update(text);
   d.digest = Checksum::format(sum.digest());
   std::vector<Example> all;
+  std::vector<nlohmann::json> records;
+  if (looks_like_alpaca(path, text)) records = parse_records(text, path);
+  if (is_documents(records)) {
+    // Each document is BOS + text + EOS; the training documents (and, apart, the held-out last
+    // val_fraction of them) form one stream cut into windows, every token carrying the loss.
+    d.kind = "documents";
+    std::vector<std::string> docs;
+    for (size_t i = 0; i < records.size(); ++i) {
+      docs.push_back(record_field(records[i], i, "text", true, path));
+      check_utf8(docs.back(), fmt::format("{} (document {})", path, i + 1));
+    }
+    int64_t nval = static_cast<int64_t>(std::llround(opts.val_fraction * docs.size()));
+    if (opts.val_fraction > 0 && nval == 0 && docs.size() >= 2) nval = 1;
+    const size_t ntrain = docs.size() - static_cast<size_t>(nval);
+    auto stream = [&](size_t from, size_t to) {
+      std::vector<int> toks;
+      for (size_t i = from; i < to; ++i) {
+        std::vector<int> t = tok.encode(docs[i], /*bos=*/true, /*eos=*/true);
+        toks.insert(toks.end(), t.begin(), t.end());
+      }
+      return windows(toks, toks, opts.seq_len);
+    };
+    d.train = stream(0, ntrain);
+    d.val = stream(ntrain, docs.size());
+    if (d.train.empty()) throw_input("{}: too little text for one training window", path);
+    return d;
+  }
   if (looks_like_alpaca(path, text)) {
     d.kind = "alpaca";
-    std::vector<AlpacaRecord> recs = parse_alpaca(text, path);
+    std::vector<AlpacaRecord> recs = parse_alpaca(records, path);
     if (recs.empty()) throw_input("{}: no examples", path);
     std::vector<int> stream_toks, stream_labels;
     for (const auto& r : recs) {

@@ -1,7 +1,10 @@
-// train: fine-tuning data. Two kinds of file:
+// train: fine-tuning (and calibration) data. Three kinds of file:
 //   - Alpaca-style JSON array or JSONL of {"instruction", "input", "output"}: each example is
 //     BOS + the Stanford Alpaca prompt + the response + EOS, with the loss on the response (and
 //     EOS) only;
+//   - documents, a JSON array or JSONL of {"text"} (C4): each document BOS + text + EOS, all of
+//     them one stream cut into windows as plain text is; the last val_fraction of the documents
+//     is held out;
 //   - plain text (anything else): BOS + the text, cut into windows of seq_len + 1 tokens
 //     (inputs [0, L), targets [1, L]) with the loss on every token.
 // Held out for validation: for Alpaca, the last val_fraction of examples (in file order); for
@@ -36,7 +39,7 @@ struct DataOptions {
 struct Dataset {
   std::string source;
   std::string digest;  // checksum of the file's contents: the same data under another path is the same
-  std::string kind;    // "alpaca" or "text"
+  std::string kind;    // "alpaca", "documents" or "text"
   std::vector<Example> train, val;
   int64_t truncated = 0;  // examples cut at seq_len
   int64_t dropped = 0;    // examples with no response token within seq_len

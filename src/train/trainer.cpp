@@ -30,11 +30,13 @@ nlohmann::json fingerprint(const TrainOptions& o, const Dataset& data, const Clu
   nlohmann::json clustered = nlohmann::json::object();
   if (c)
     for (const auto& w : c->weights()) clustered[w.name] = dkm_to_json(w.cfg);
-  return {{"steps", total},         {"batch", o.batch},         {"grad_accum", o.grad_accum},
+  nlohmann::json fp = {{"steps", total},         {"batch", o.batch},         {"grad_accum", o.grad_accum},
           {"lr", o.lr},             {"min_lr_ratio", o.min_lr_ratio}, {"warmup", o.warmup},
           {"weight_decay", o.weight_decay}, {"betas", {o.beta1, o.beta2}}, {"adam_eps", o.adam_eps},
           {"grad_clip", o.grad_clip}, {"seed", o.seed},         {"data", data.digest},
           {"train_examples", data.train.size()}, {"clustered", clustered}};
+  if (o.teacher) fp["distill"] = {{"temperature", o.distill_temperature}, {"alpha", o.distill_alpha}};
+  return fp;
 }
 
 // The settings in which two fingerprints differ, as "path: saved -> now", values cut to 60
@@ -314,7 +316,17 @@ class TrainingRun {
       fo.overrides = clustering_ ? &s.leaves : nullptr;
       fo.checkpoint_layers = o_.checkpoint_layers;
       at::Tensor logits = model_.forward(b.tokens.to(model_.device()), fo);
-      at::Tensor loss = next_token_loss(logits, b.labels.to(model_.device()), at::Reduction::Sum);
+      at::Tensor labels = b.labels.to(model_.device());
+      at::Tensor loss = next_token_loss(logits, labels, at::Reduction::Sum);
+      if (o_.teacher) {
+        at::Tensor teacher;
+        {
+          at::NoGradGuard no_grad;
+          teacher = o_.teacher->forward(b.tokens.to(o_.teacher->device()));
+        }
+        at::Tensor kd = distillation_loss(logits, teacher.to(logits.device()), labels, o_.distill_temperature, at::Reduction::Sum);
+        loss = o_.distill_alpha == 1 ? kd : o_.distill_alpha * kd + (1 - o_.distill_alpha) * loss;
+      }
       const double loss_value = loss.item<double>();
       if (!std::isfinite(loss_value)) {
         const std::string weight = non_finite_weight(model_, s.leaves);
@@ -447,6 +459,10 @@ class TrainingRun {
 TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, const TrainOptions& o) {
   if (o.batch < 1 || o.grad_accum < 1) throw_invalid("batch and grad_accum must be >= 1");
   if (!(o.lr > 0)) throw_invalid("learning rate must be positive");
+  if (o.teacher && !(o.distill_temperature > 0))
+    throw_invalid("distillation temperature must be > 0, got {}", o.distill_temperature);
+  if (o.teacher && !(o.distill_alpha >= 0 && o.distill_alpha <= 1))
+    throw_invalid("distillation alpha must be in [0, 1], got {}", o.distill_alpha);
   TrainingRun run(model, clustering, data, o);
   TrainReport& rep = run.report();
   rep.val_loss_start = rep.val_loss_end = run.val_loss();

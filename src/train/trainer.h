@@ -43,6 +43,14 @@ struct TrainOptions {
   // batch B/L match one learner accumulating L micro-batches of B/L, bit for bit for L = 2),
   // and only learner 0 writes checkpoints and metrics.
   std::shared_ptr<Dist> dist;
+  // Knowledge distillation (Hinton et al. 2015): with a teacher, each loss token's loss is
+  //   distill_alpha * T^2 KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - distill_alpha) * CE,
+  // z_t the teacher's logits (computed without gradients), z_s the student's, T the
+  // temperature (the T^2 keeps the gradient's scale independent of T). Training losses are this
+  // objective; validation losses stay the cross-entropy.
+  std::shared_ptr<const Llama> teacher;
+  double distill_temperature = 1.0;
+  double distill_alpha = 1.0;
 };
 
 struct TrainReport {
