@@ -19,8 +19,10 @@ Methods (--methods):
   skm            sensitivity-weighted (Fisher) k-means, exact, calibrated on --calib
   dkm            edkm compress: DKM fine-tuning on --data for --train-tokens tokens
   dkm-distill    the same with --distill (KL to the frozen bf16 teacher)
-The palette methods share one palette layout (--palette-args); DKM starts from the optimal
-palettes of the same layout.
+  hard-kmeans    the same fine-tuning with hard nearest-centroid assignment (straight-through)
+  qat            the same fine-tuning with a uniform grid per row, learned scale and zero point
+The palette methods share one palette layout (--palette-args); DKM and hard k-means start from
+the optimal palettes of the same layout.
 """
 import argparse
 import json
@@ -37,7 +39,7 @@ ap.add_argument("--model", default=os.path.join(ROOT, "models", "SmolLM2-135M-In
 ap.add_argument("--assets", default=os.environ.get("EDKM_ASSETS", os.path.join(ROOT, "..", "shared", "assets")))
 ap.add_argument("--out", default=os.path.join(ROOT, "study"))
 ap.add_argument("--bits", default="3,4,2", help="in this order")
-ap.add_argument("--methods", default="fp32,rtn,gptq,kmeans,optimal,skm,dkm,dkm-distill")
+ap.add_argument("--methods", default="fp32,rtn,gptq,kmeans,optimal,skm,dkm,dkm-distill,hard-kmeans,qat")
 ap.add_argument("--tasks", default="piqa,hellaswag,arc_easy,arc_challenge,winogrande,boolq,copa",
                 help="zero-shot tasks, scored after every model's perplexity (\"\": none)")
 ap.add_argument("--limit", type=int, default=500, help="items per zero-shot task (0: all)")
@@ -110,6 +112,7 @@ def compress_model(method, bits, name):
                       "--steps", str(steps), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                       "--lr", str(args.lr), "--warmup", str(max(1, steps // 10)), "--val-fraction", "0.02",
                       "--palette-init", "optimal", "--overwrite", *args.palette_args.split(), *args.train_args.split()]
+        cmd += ["--method", {"dkm": "dkm", "dkm-distill": "dkm", "hard-kmeans": "hard-kmeans", "qat": "qat"}[method]]
         if method == "dkm-distill":
             cmd += ["--distill"]
         r = run(cmd, log)

@@ -86,8 +86,8 @@ std::string format_table(const ModelBenchResult& r);
 nlohmann::json to_json(const ModelBenchResult& r);
 
 // `edkm bench compress`: held-out perplexity of the compression methods at several bit widths,
-// on the same data with the same fine-tuning budget, and the peak memory of DKM fine-tuning
-// beside plain fine-tuning.
+// on the same data with the same fine-tuning budget, and the peak memory and step time of DKM
+// fine-tuning, with and without distillation, beside plain fine-tuning.
 struct CompressBenchOptions {
   std::string model;           // default: stories260K
   std::string data;            // default: TinyStories val_a.txt

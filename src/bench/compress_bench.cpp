@@ -41,8 +41,15 @@ double palette_bits(const Llama& m, const std::vector<std::pair<std::string, DKM
   return 8 * bytes / n;
 }
 
+// A frozen bf16 copy of the model, as compress --distill makes it.
+std::shared_ptr<const Llama> teacher_of(const Llama& m) {
+  std::map<std::string, at::Tensor> w;
+  for (const auto& [name, t] : m.weights()) w[name] = t.detach().to(at::kBFloat16, false, true);
+  return std::make_shared<const Llama>(m.config(), std::move(w), "teacher");
+}
+
 MemoryRow measure_memory(const std::string& model_name, const Llama& base, const Dataset& data,
-                         const CompressOptions& o, int bits, int64_t steps) {
+                         const CompressOptions& o, int bits, bool distill, int64_t steps) {
   Llama m = clone(base);
   TrainOptions t = o.train;
   t.steps = steps;
@@ -61,12 +68,19 @@ MemoryRow measure_memory(const std::string& model_name, const Llama& base, const
   TensorMemory::reset_peak();
   reset_peak_rss();
   const int64_t before = TensorMemory::current();
+  // The teacher's bf16 weights count against the run that needs them.
+  if (distill) t.teacher = teacher_of(m);
   TrainReport r = train(m, bits > 0 ? &c : nullptr, small, t);
-  return {model_name, bits > 0 ? fmt::format("DKM {}-bit", bits) : "fine-tune", TensorMemory::peak() - before,
-          peak_rss_bytes(), r.seconds / std::max<int64_t>(1, r.steps_done)};
+  std::string mode = bits > 0 ? fmt::format("DKM {}-bit", bits) : "fine-tune";
+  if (distill) mode += " + distillation";
+  return {model_name, mode, TensorMemory::peak() - before, peak_rss_bytes(),
+          r.seconds / std::max<int64_t>(1, r.steps_done)};
 }
 
 }  // namespace
+
+// Memory rows per model: fine-tune, DKM, DKM + distillation (the first is the reference).
+constexpr size_t kMemoryModes = 3;
 
 double CompressBenchRow::perplexity() const { return std::exp(val_loss); }
 
@@ -105,11 +119,22 @@ CompressBenchResult run_compress_bench(const CompressBenchOptions& opts, const C
     Clustering kmeans(base, chosen);
     WeightOverrides hard = kmeans.hard(base);
     res.rows.push_back({"k-means (post-training)", bits, palette_bits(base, chosen), eval(base, &hard)});
-    Llama m = clone(base);
-    Clustering dkm(m, chosen);
-    train(m, &dkm, data, t);
-    WeightOverrides trained = dkm.hard(m);
-    res.rows.push_back({"DKM fine-tuning (exported)", bits, palette_bits(base, chosen), eval(m, &trained)});
+    // Fine-tuning with each training method, the same data and steps; evaluated as exported.
+    auto fine_tune = [&](const std::string& label, TrainMethod method, bool distill) {
+      Llama m = clone(base);
+      Clustering c(m, chosen, method);
+      TrainOptions tm = t;
+      if (distill) tm.teacher = teacher_of(base);
+      train(m, &c, data, tm);
+      std::vector<std::pair<std::string, DKMConfig>> layout;
+      for (const auto& w : c.weights()) layout.emplace_back(w.name, w.cfg);
+      WeightOverrides exported = c.hard(m);
+      res.rows.push_back({label, bits, palette_bits(base, layout), eval(m, &exported)});
+    };
+    fine_tune("DKM fine-tuning (exported)", TrainMethod::kDKM, false);
+    fine_tune("DKM + distillation (exported)", TrainMethod::kDKM, true);
+    fine_tune("hard k-means fine-tuning (exported)", TrainMethod::kHardKMeans, false);
+    fine_tune("QAT, grid per row (exported)", TrainMethod::kQAT, false);
   }
 
   // Memory: stories260K, and a 4-layer dim-512 model (12.6M parameters) where weights and
@@ -119,8 +144,11 @@ CompressBenchResult run_compress_bench(const CompressBenchOptions& opts, const C
   big.vocab_size = base.config().vocab_size, big.max_seq_len = base.config().max_seq_len;
   Llama large = Llama::random(big, at::kFloat, 0);
   const int bits = opts.bits.empty() ? 3 : opts.bits.front();
-  for (int b : {0, bits}) res.memory.push_back(measure_memory("stories260K", base, data, o, b, opts.memory_steps));
-  for (int b : {0, bits}) res.memory.push_back(measure_memory("4-layer dim-512", large, data, o, b, opts.memory_steps));
+  for (const auto& [name, model] : {std::pair<const char*, const Llama*>{"stories260K", &base}, {"4-layer dim-512", &large}}) {
+    res.memory.push_back(measure_memory(name, *model, data, o, 0, false, opts.memory_steps));
+    res.memory.push_back(measure_memory(name, *model, data, o, bits, false, opts.memory_steps));
+    res.memory.push_back(measure_memory(name, *model, data, o, bits, true, opts.memory_steps));
+  }
   return res;
 }
 
@@ -134,7 +162,7 @@ std::string CompressBenchResult::markdown() const {
   s += "\n| model | mode | peak tensor MiB | peak RSS MiB | s/step | tensor overhead vs fine-tune |\n|---|---|---|---|---|---|\n";
   for (size_t i = 0; i < memory.size(); ++i) {
     const MemoryRow& m = memory[i];
-    const MemoryRow& ref = memory[i - i % 2];
+    const MemoryRow& ref = memory[i - i % kMemoryModes];
     s += fmt::format("| {} | {} | {:.1f} | {:.1f} | {:.3f} | {:+.1f}% |\n", m.model, m.mode, m.peak_tensor_bytes / 1048576.0,
                      m.peak_rss / 1048576.0, m.seconds_per_step,
                      100.0 * (double(m.peak_tensor_bytes) / ref.peak_tensor_bytes - 1));

@@ -47,6 +47,11 @@ void register_compress(CLI::App& app) {
   cmd->add_flag("--include-embeddings", o->plan.include_embeddings, "Also cluster the embeddings and classifier");
   cmd->add_option("--min-weights", o->plan.min_weights, "Leave matrices with at most this many weights unclustered");
   cmd->add_flag("--no-cluster", *no_cluster, "Plain fine-tuning without DKM (a baseline)");
+  auto method = std::make_shared<std::string>("dkm");
+  cmd->add_option("--method", *method,
+                  "dkm (default); or a straight-through baseline: hard-kmeans (nearest centroid, Lloyd step per "
+                  "step) or qat (uniform grid per row, learned scale and zero point)")
+      ->check(CLI::IsMember({"dkm", "hard-kmeans", "qat"}));
   cmd->add_option("--nproc", *nproc,
                   "Data-parallel learners on this machine (c10d Gloo on loopback); a learner started by torchrun, "
                   "Slurm or mpirun joins from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT instead")
@@ -111,6 +116,7 @@ void register_compress(CLI::App& app) {
       o->plan.apply_json(j, *config);
     }
     o->cluster = !*no_cluster;
+    o->method = parse_train_method(*method);
     if (*dense_dtype != "keep") o->dense_dtype = parse_dtype(*dense_dtype);
     o->teacher_dtype = parse_dtype(*teacher_dtype);
     if (o->train.checkpoint_path.empty()) o->train.checkpoint_path = o->out + ".ckpt";

@@ -19,6 +19,7 @@ CompressReport run_compress(LoadedModel& m, const CompressOptions& o) {
   Dataset data = load_dataset(o.data_path, *m.tokenizer, o.data);
   CompressReport r;
   r.out = o.out;
+  r.method = o.cluster ? to_string(o.method) : "fine-tuned";
   r.train_examples = static_cast<int64_t>(data.train.size());
   r.val_examples = static_cast<int64_t>(data.val.size());
   r.train_tokens = data.train_tokens();
@@ -30,10 +31,10 @@ CompressReport run_compress(LoadedModel& m, const CompressOptions& o) {
   r.val_pretrained = evaluate(model, nullptr, data.val, o.train.eval_batch, pad);
   Clustering clustering;
   if (o.cluster) {
-    clustering = Clustering(model, o.plan.resolve(model));
+    clustering = Clustering(model, o.plan.resolve(model), o.method);
     r.clustered = static_cast<int64_t>(clustering.weights().size());
     WeightOverrides ptq = clustering.hard(model);
-    r.val_kmeans = evaluate(model, &ptq, data.val, o.train.eval_batch, pad);
+    r.val_start = evaluate(model, &ptq, data.val, o.train.eval_batch, pad);
   }
   TrainOptions topts = o.train;
   if (o.distill) {
@@ -56,7 +57,7 @@ CompressReport run_compress(LoadedModel& m, const CompressOptions& o) {
   }
   CompressedModel cm = make_compressed(model, packed, settings, m.tokenizer.get(), o.dense_dtype);
   cm.metadata["edkm_version"] = EDKM_VERSION;
-  cm.metadata["method"] = o.cluster ? "dkm" : "fine-tuned";
+  cm.metadata["method"] = r.method;
   if (o.distill) cm.metadata["distill"] = fmt::format("T={} alpha={}", o.train.distill_temperature, o.train.distill_alpha);
   if (o.cluster) cm.metadata["bits"] = std::to_string(o.plan.defaults.bits);
   cm.metadata["source_model"] = model.config().to_hf().dump();
@@ -98,6 +99,7 @@ CompressReport compress(LoadedModel& m, const CompressOptions& o) {
 
 nlohmann::json CompressReport::to_json() const {
   return {{"out", out},
+          {"method", method},
           {"interrupted", train.interrupted},
           {"train_examples", train_examples},
           {"val_examples", val_examples},
@@ -111,7 +113,7 @@ nlohmann::json CompressReport::to_json() const {
           {"tokens_per_second", train.tokens / std::max(1e-9, train.seconds)},
           {"peak_rss_bytes", train.peak_rss},
           {"val_loss", val_examples == 0 ? nlohmann::json(nullptr)
-                                         : nlohmann::json{{"pretrained", val_pretrained}, {"kmeans", val_kmeans},
+                                         : nlohmann::json{{"pretrained", val_pretrained}, {"start", val_start},
                                                           {"soft", val_soft}, {"exported", val_exported}}},
           {"size", size.to_json()}};
 }
@@ -127,8 +129,9 @@ std::string CompressReport::text() const {
   if (val_examples == 0)
     s += "validation loss: none (nothing held out; --val-fraction 0)\n";
   else
-    s += fmt::format("validation loss (nats/token): pretrained {:.4f} | k-means, no training {:.4f} | DKM soft {:.4f} | "
-                     "written file {:.4f}\n", val_pretrained, val_kmeans, val_soft, val_exported);
+    s += fmt::format("validation loss (nats/token): pretrained {:.4f} | {}, no training {:.4f} | as trained {:.4f} | "
+                     "written file {:.4f}\n", val_pretrained, method == "qat" ? "min-max grid" : "k-means", val_start,
+                     val_soft, val_exported);
   s += size.table(true);
   s += fmt::format("wrote {}\n", out);
   return s;

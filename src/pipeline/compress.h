@@ -1,5 +1,6 @@
-// compress(): the whole main job. Load data, initialise palettes, fine-tune with DKM, assign
-// each clustered weight to its nearest centroid, write the compressed model, and report.
+// compress(): the whole main job. Load data, initialise palettes, fine-tune with DKM (or a
+// straight-through baseline: hard k-means, QAT), assign each clustered weight to its nearest
+// centroid, write the compressed model, and report.
 #pragma once
 
 #include <nlohmann/json_fwd.hpp>
@@ -29,6 +30,7 @@ struct CompressOptions {
   DataOptions data;
   TrainOptions train;
   bool cluster = true;  // false: plain fine-tuning (the memory baseline), written unclustered
+  TrainMethod method = TrainMethod::kDKM;
   at::ScalarType dense_dtype = at::ScalarType::Undefined;  // storage of unclustered tensors
   // Distil from the model as loaded, frozen in teacher_dtype (train.distill_temperature and
   // train.distill_alpha set the loss).
@@ -42,9 +44,11 @@ struct CompressReport {
   int64_t train_examples = 0, val_examples = 0, train_tokens = 0;
   int64_t truncated = 0, dropped = 0;  // Alpaca examples cut at, or wholly beyond, seq_len
   int64_t clustered = 0;
-  // Validation loss (nats/token) of the pretrained model, of post-training k-means (the initial
-  // palettes, hard-assigned), of the trained model with soft weights, and of the file written.
-  double val_pretrained = 0, val_kmeans = 0, val_soft = 0, val_exported = 0;
+  // Validation loss (nats/token) of the pretrained model, of the starting point hard-assigned
+  // (post-training k-means for DKM and hard k-means; QAT: the min-max grid per row, i.e. RTN),
+  // of the trained model as trained (soft weights under DKM), and of the file written.
+  std::string method;
+  double val_pretrained = 0, val_start = 0, val_soft = 0, val_exported = 0;
   SizeReport size;
   nlohmann::json to_json() const;
   std::string text() const;

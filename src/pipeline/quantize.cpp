@@ -124,7 +124,7 @@ QuantizeReport quantize(LoadedModel& m, const QuantizeOptions& o) {
       for (const auto& [name, cfg] : chosen) names.push_back(name);
       fisher = fisher_diagonal(m.model, windows, names, o.checkpoint_layers);
     }
-    Clustering c(m.model, chosen, fisher.empty() ? nullptr : &fisher);
+    Clustering c(m.model, chosen, TrainMethod::kDKM, fisher.empty() ? nullptr : &fisher);
     std::vector<nlohmann::json> settings;
     for (const auto& w : c.weights()) settings.push_back(dkm_to_json(w.cfg));
     cm = make_compressed(m.model, c.palettize(m.model), settings, m.tokenizer.get());

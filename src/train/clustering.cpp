@@ -83,13 +83,39 @@ std::vector<std::pair<std::string, DKMConfig>> ClusteringPlan::resolve(const Lla
   return out;
 }
 
+std::string to_string(TrainMethod m) {
+  switch (m) {
+    case TrainMethod::kDKM: return "dkm";
+    case TrainMethod::kHardKMeans: return "hard-kmeans";
+    case TrainMethod::kQAT: return "qat";
+  }
+  return "?";
+}
+
+TrainMethod parse_train_method(const std::string& s) {
+  for (TrainMethod m : {TrainMethod::kDKM, TrainMethod::kHardKMeans, TrainMethod::kQAT})
+    if (s == to_string(m)) return m;
+  throw_invalid("unknown training method '{}' (expected dkm, hard-kmeans or qat)", s);
+}
+
 Clustering::Clustering(const Llama& model, const std::vector<std::pair<std::string, DKMConfig>>& plan,
-                       const std::map<std::string, at::Tensor>* importance) {
+                       TrainMethod method, const std::map<std::string, at::Tensor>* importance)
+    : method_(method) {
   at::NoGradGuard no_grad;
   for (const auto& [name, cfg] : plan) {
     const at::Tensor& w = model.weight(name);
-    ClusteredWeight cw{name, cfg, {}, {}};
+    ClusteredWeight cw{name, cfg, {}, {}, {}};
     try {
+      if (method == TrainMethod::kQAT) {
+        if (cfg.cluster_dim != 1) throw_invalid("QAT quantizes scalars (cluster_dim 1), got cluster_dim {}", cfg.cluster_dim);
+        cw.cfg.group_size = 1;
+        cw.cfg.per_row_scale = false;
+        cw.cfg.cluster_dtype = ClusterDType::kFloat32;
+        cw.grid = init_learned_grid(w.reshape({w.size(0), -1}), cfg.bits);
+        cw.palette = grid_palette(cw.grid, cfg.bits);
+        weights_.push_back(std::move(cw));
+        continue;
+      }
       if (cfg.per_row_scale) cw.scale = row_scales(w);
       at::Tensor f;
       if (importance) {
@@ -111,12 +137,32 @@ bool Clustering::contains(const std::string& name) const {
   return false;
 }
 
+std::vector<at::Tensor> Clustering::trainable() const {
+  std::vector<at::Tensor> out;
+  for (const auto& cw : weights_)
+    if (cw.grid.scale.defined()) out.insert(out.end(), {cw.grid.scale, cw.grid.zero});
+  return out;
+}
+
 WeightOverrides Clustering::soft(const Llama& model, bool advance) {
   WeightOverrides out;
   for (auto& cw : weights_) {
-    DKMResult r = dkm(model.weight(cw.name), cw.palette, cw.cfg, cw.scale);
-    out[cw.name] = r.weight;
-    if (advance) cw.palette = r.palette;
+    const at::Tensor& w = model.weight(cw.name);
+    switch (method_) {
+      case TrainMethod::kDKM: {
+        DKMResult r = dkm(w, cw.palette, cw.cfg, cw.scale);
+        out[cw.name] = r.weight;
+        if (advance) cw.palette = r.palette;
+        break;
+      }
+      case TrainMethod::kHardKMeans:
+        if (advance) cw.palette = lloyd_update(w, cw.palette, cw.cfg, cw.scale);
+        out[cw.name] = hard_assign(w, cw.palette, cw.cfg, cw.scale);
+        break;
+      case TrainMethod::kQAT:
+        out[cw.name] = fake_quantize(w.reshape({w.size(0), -1}), cw.grid, cw.cfg.bits).view(w.sizes());
+        break;
+    }
   }
   return out;
 }
@@ -126,7 +172,8 @@ std::vector<std::pair<std::string, Palettized>> Clustering::palettize(const Llam
   // The export stores palettes in fp16: assign against the rounded palette, so that the
   // hard-assigned weights are exactly what the file reproduces.
   for (const auto& cw : weights_) {
-    at::Tensor c16 = cw.palette.to(at::kHalf).to(cw.palette.scalar_type());
+    const at::Tensor palette = cw.grid.scale.defined() ? grid_palette(cw.grid, cw.cfg.bits) : cw.palette;
+    at::Tensor c16 = palette.to(at::kHalf).to(palette.scalar_type());
     out.emplace_back(cw.name, edkm::palettize(model.weight(cw.name), c16, cw.cfg, cw.scale));
   }
   return out;

@@ -24,6 +24,7 @@
 
 #include "cluster/cluster.h"
 #include "cluster/settings.h"
+#include "cluster/straight_through.h"
 #include "model/llama.h"
 
 namespace edkm {
@@ -46,11 +47,23 @@ struct ClusteringPlan {
   std::vector<std::pair<std::string, DKMConfig>> resolve(const Llama& model) const;
 };
 
+// How the clustered weights are trained: DKM's soft assignment, or one of the straight-through
+// baselines (cluster/straight_through.h). Each writes palettes, so the file and the runtime are
+// the same for all three.
+enum class TrainMethod {
+  kDKM,         // soft assignment by attention over the palette (the method of this project)
+  kHardKMeans,  // nearest centroid, centroids re-estimated by a Lloyd step per optimizer step
+  kQAT,         // a uniform grid per output row with learned scale and zero point
+};
+std::string to_string(TrainMethod m);  // dkm | hard-kmeans | qat
+TrainMethod parse_train_method(const std::string& s);
+
 struct ClusteredWeight {
   std::string name;
-  DKMConfig cfg;
-  at::Tensor palette;  // [G, k, d], carried from step to step
+  DKMConfig cfg;       // for QAT: one palette per row (group_size 1), no per-row scale, fp32
+  at::Tensor palette;  // [G, k, d], carried from step to step (QAT: derived from grid)
   at::Tensor scale;    // [rows] or undefined
+  LearnedGrid grid;    // QAT only: the trainable scale and zero point per row
 };
 
 class Clustering {
@@ -60,15 +73,21 @@ class Clustering {
   // (weight-shaped, by name; e.g. fisher_diagonal()), the palettes minimise the importance-
   // weighted squared error (init_palette).
   Clustering(const Llama& model, const std::vector<std::pair<std::string, DKMConfig>>& plan,
-             const std::map<std::string, at::Tensor>* importance = nullptr);
+             TrainMethod method = TrainMethod::kDKM, const std::map<std::string, at::Tensor>* importance = nullptr);
+
+  TrainMethod method() const { return method_; }
+  // Tensors the optimizer trains besides the model's weights (QAT's scales and zero points).
+  std::vector<at::Tensor> trainable() const;
 
   const std::vector<ClusteredWeight>& weights() const { return weights_; }
   std::vector<ClusteredWeight>& weights() { return weights_; }
   bool contains(const std::string& name) const;
 
-  // Soft-clustered weights w~ = DKM(w) for the forward pass, differentiable w.r.t. the model's
-  // weights when grad mode is on. With advance, each palette becomes DKM's updated palette
-  // (once per optimizer step); evaluation passes advance = false.
+  // Soft-clustered weights w~ = DKM(w) for the forward pass (the hard-assigned or fake-
+  // quantized weights of the baselines, with straight-through gradients), differentiable w.r.t.
+  // the model's weights (and trainable()) when grad mode is on. With advance, each palette
+  // becomes DKM's updated palette, or the Lloyd step's (once per optimizer step); evaluation
+  // passes advance = false.
   WeightOverrides soft(const Llama& model, bool advance);
   // Hard assignment of every clustered weight, against its palette rounded to fp16 (the
   // precision palettes are stored in).
@@ -78,6 +97,7 @@ class Clustering {
 
  private:
   std::vector<ClusteredWeight> weights_;
+  TrainMethod method_ = TrainMethod::kDKM;
 };
 
 }  // namespace edkm

@@ -36,6 +36,7 @@ nlohmann::json fingerprint(const TrainOptions& o, const Dataset& data, const Clu
           {"grad_clip", o.grad_clip}, {"seed", o.seed},         {"data", data.digest},
           {"train_examples", data.train.size()}, {"clustered", clustered}};
   if (o.teacher) fp["distill"] = {{"temperature", o.distill_temperature}, {"alpha", o.distill_alpha}};
+  if (c && c->method() != TrainMethod::kDKM) fp["method"] = to_string(c->method());
   return fp;
 }
 
@@ -78,6 +79,10 @@ void save_checkpoint(const std::string& path, const Llama& model, const Clusteri
     for (size_t j = 0; j < c->weights().size(); ++j) {
       ar.write(fmt::format("palette_{}", j), c->weights()[j].palette);
       if (c->weights()[j].scale.defined()) ar.write(fmt::format("scale_{}", j), c->weights()[j].scale);
+      if (c->weights()[j].grid.scale.defined()) {
+        ar.write(fmt::format("grid_scale_{}", j), c->weights()[j].grid.scale.detach());
+        ar.write(fmt::format("grid_zero_{}", j), c->weights()[j].grid.zero.detach());
+      }
     }
   }
   torch::serialize::OutputArchive optimizer;
@@ -147,6 +152,15 @@ int64_t load_checkpoint(const std::string& path, Llama& model, Clustering* c, to
     for (size_t j = 0; j < c->weights().size(); ++j) {
       ar.read(fmt::format("palette_{}", j), c->weights()[j].palette);
       if (c->weights()[j].scale.defined()) ar.read(fmt::format("scale_{}", j), c->weights()[j].scale);
+      // The optimizer holds the grid tensors themselves: their values are copied in.
+      LearnedGrid& grid = c->weights()[j].grid;
+      if (grid.scale.defined()) {
+        at::Tensor t;
+        ar.read(fmt::format("grid_scale_{}", j), t);
+        grid.scale.copy_(t);
+        ar.read(fmt::format("grid_zero_{}", j), t);
+        grid.zero.copy_(t);
+      }
     }
   }
   torch::serialize::InputArchive optimizer;
@@ -373,6 +387,8 @@ class TrainingRun {
     if (o_.grad_clip > 0) {
       std::vector<at::Tensor> params;
       for (auto& [name, t] : model_.weights()) params.push_back(t);
+      if (clustering_)
+        for (const at::Tensor& t : clustering_->trainable()) params.push_back(t);
       torch::nn::utils::clip_grad_norm_(params, o_.grad_clip);
     }
     optimizer_->step();
@@ -417,7 +433,7 @@ class TrainingRun {
   bool last(int64_t step) const { return step + 1 == rep_.total_steps; }
 
  private:
-  // Trainable leaves: matrices with weight decay, norms without.
+  // Trainable leaves: matrices with weight decay; norms and QAT's grids without.
   std::unique_ptr<torch::optim::AdamW> make_optimizer() {
     std::vector<at::Tensor> decay, no_decay;
     for (auto& [name, t] : model_.weights()) {
@@ -428,6 +444,8 @@ class TrainingRun {
     std::vector<torch::optim::OptimizerParamGroup> groups;
     if (!decay.empty())
       groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(adam.weight_decay(o_.weight_decay)));
+    if (clustering_)
+      for (const at::Tensor& t : clustering_->trainable()) no_decay.push_back(t);
     groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(adam.weight_decay(0)));
     return std::make_unique<torch::optim::AdamW>(groups, adam);
   }

@@ -1,0 +1,44 @@
+// cluster: the train-time alternatives to DKM's soft assignment, each with a straight-through
+// gradient (Bengio et al. 2013): the forward pass uses the quantized weight, the backward
+// passes dL/dw_q on to w unchanged (within the grid's range).
+//
+//   hard k-means  TF-MOT's weight clustering: every weight at its nearest centroid; the
+//                 centroids re-estimated from the weights by one Lloyd step per optimizer step
+//   QAT           LLM-QAT (Liu et al. 2023): a uniform b-bit grid per output row,
+//                 w_q = s (clamp(round(w / s + z), 0, 2^b - 1) - z), with the scale s and the
+//                 zero point z learned as in LSQ+ (Bhalgat et al. 2020): their gradients
+//                 follow from the same straight-through rounding, scaled by
+//                 1 / sqrt(cols (2^b - 1)) (LSQ's step-size gradient scale, Esser et al. 2020).
+//                 The grid of row r is the palette {s_r (j - z_r) : j = 0 .. 2^b - 1}, so a
+//                 QAT model is written as palettes of one row each.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "cluster/cluster.h"
+
+namespace edkm {
+
+// One Lloyd step: each centroid becomes the mean of the (scaled, rounded) weights or vectors
+// nearest to it; a centroid that no weight is nearest keeps its value. Returns the new palette
+// [G, k, d] (fp32).
+at::Tensor lloyd_update(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
+                        const at::Tensor& scale = {});
+
+// The weight at its nearest centroid (palettize, depalettize), with a straight-through
+// gradient to `weight`.
+at::Tensor hard_assign(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
+                       const at::Tensor& scale = {});
+
+// QAT's learned grid: scale and zero point per output row ([rows] fp32 each, trainable leaves).
+struct LearnedGrid {
+  at::Tensor scale, zero;
+};
+// Min-max initialisation (RTN's asymmetric grid per row, cluster/uniform_grid.h conventions).
+LearnedGrid init_learned_grid(const at::Tensor& weight, int bits);
+// w_q as above; differentiable w.r.t. weight, grid.scale and grid.zero.
+at::Tensor fake_quantize(const at::Tensor& weight, const LearnedGrid& grid, int bits);
+// The grid as palettes [rows, 2^b, 1] (one group per row), for palettize and the file.
+at::Tensor grid_palette(const LearnedGrid& grid, int bits);
+
+}  // namespace edkm
