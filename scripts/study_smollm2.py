@@ -22,7 +22,7 @@ Methods (--methods):
   hard-kmeans    the same fine-tuning with hard nearest-centroid assignment (straight-through)
   qat            the same fine-tuning with a uniform grid per row, learned scale and zero point
 The palette methods share one palette layout (--palette-args); DKM and hard k-means start from
-the optimal palettes of the same layout.
+the skm palettes (exact k-means weighted by the Fisher information on the calibration text).
 """
 import argparse
 import json
@@ -51,9 +51,9 @@ ap.add_argument("--grid-group", type=int, default=128, help="RTN and GPTQ: weigh
 ap.add_argument("--palette-args", default="--per-row-scale --group-size 16",
                 help="palette layout of every k-means method and DKM")
 ap.add_argument("--data", default=None, help="fine-tuning text for DKM (default: the C4 demo documents)")
-ap.add_argument("--train-tokens", type=int, default=32768, help="DKM: tokens seen (steps = tokens / (batch * seq-len))")
+ap.add_argument("--train-tokens", type=int, default=16384, help="DKM: tokens seen (steps = tokens / (batch * seq-len))")
 ap.add_argument("--seq-len", type=int, default=256)
-ap.add_argument("--batch", type=int, default=8)
+ap.add_argument("--batch", type=int, default=4)
 ap.add_argument("--lr", type=float, default=1e-4)
 ap.add_argument("--train-args", default="", help="more edkm compress flags (e.g. --device cuda)")
 ap.add_argument("--threads", type=int, default=0, help="-t for every command (0: all cores)")
@@ -113,6 +113,9 @@ def compress_model(method, bits, name):
                       "--lr", str(args.lr), "--warmup", str(max(1, steps // 10)), "--val-fraction", "0.02",
                       "--palette-init", "optimal", "--overwrite", *args.palette_args.split(), *args.train_args.split()]
         cmd += ["--method", {"dkm": "dkm", "dkm-distill": "dkm", "hard-kmeans": "hard-kmeans", "qat": "qat"}[method]]
+        if method != "qat":  # start from the sensitivity-weighted palettes (the skm baseline)
+            cmd += ["--sensitive-init", calib, "--calib-samples", str(args.calib_samples),
+                    "--calib-seq-len", str(args.calib_seq_len)]
         if method == "dkm-distill":
             cmd += ["--distill"]
         r = run(cmd, log)

@@ -213,6 +213,41 @@ TEST(QuantizeCli, CalibratedMethodsRunAndGptqBeatsRtn) {
   EXPECT_NE(r.err.find("GPTQ"), std::string::npos) << r.err;
 }
 
+// compress --sensitive-init starts from the palettes quantize --method sensitive-kmeans writes:
+// the held-out loss of its starting point is that file's.
+TEST(SensitiveKMeans, CompressStartsFromTheQuantizedPalettes) {
+  test::TempDir tmp;
+  LoadedModel a = load_model(test::asset(kStories));
+  QuantizeOptions q;
+  q.out = tmp / "skm.edkm";
+  q.method = PtqMethod::kSensitiveKMeans;
+  q.calib = test::asset(kC4);
+  q.calib_samples = 8;
+  q.calib_seq_len = 64;
+  quantize(a, q);
+
+  CompressOptions o;
+  o.data_path = test::asset(kTinyStories);
+  o.out = tmp / "dkm.edkm";
+  o.data.seq_len = 64;
+  o.data.val_fraction = 0.02;
+  o.train.steps = 1;
+  o.train.quiet = true;
+  o.sensitive_init = q.calib;
+  o.calib_samples = 8;
+  o.calib_seq_len = 64;
+  LoadedModel b = load_model(test::asset(kStories));
+  const CompressReport r = compress(b, o);
+  LoadedModel skm = load_model(q.out);
+  const Dataset d = load_dataset(o.data_path, *skm.tokenizer, o.data);
+  EXPECT_NEAR(evaluate(skm.model, nullptr, d.val, o.train.eval_batch, static_cast<int>(skm.model.config().eos_id)),
+              r.val_start, 1e-5);
+  LoadedModel c = load_model(test::asset(kStories));
+  o.sensitive_init.clear();
+  o.out = tmp / "plain.edkm";
+  EXPECT_GT(std::abs(compress(c, o).val_start - r.val_start), 1e-3);  // plain k-means starts elsewhere
+}
+
 CompressOptions distill_run(const test::TempDir& tmp, const std::string& out) {
   CompressOptions o;
   o.data_path = test::asset(kTinyStories);

@@ -81,6 +81,12 @@ void register_compress(CLI::App& app) {
   cmd->add_option("--metrics", o->train.metrics_path, "JSONL metrics file (default: OUT.metrics.jsonl)");
   cmd->add_option("--seed", o->train.seed, "Data order seed");
   cmd->add_flag("--gradient-checkpointing", o->train.checkpoint_layers, "Recompute decoder layers in backward");
+  cmd->add_option("--sensitive-init", o->sensitive_init,
+                  "Calibration text: start from sensitivity-weighted k-means palettes (Fisher information on its "
+                  "first --calib-samples windows of --calib-seq-len tokens) instead of plain k-means");
+  cmd->add_option("--calib-samples", o->calib_samples, "Calibration windows (default 128)")->check(CLI::PositiveNumber);
+  cmd->add_option("--calib-seq-len", o->calib_seq_len, "Tokens per calibration window (default 512)")
+      ->check(CLI::Range(int64_t(2), int64_t(1) << 20));
   // distillation
   auto teacher_dtype = std::make_shared<std::string>("bf16");
   cmd->add_flag("--distill", o->distill, "Train on the loaded model's token distributions (KL divergence; the model "
@@ -124,6 +130,7 @@ void register_compress(CLI::App& app) {
     std::vector<InputPath> inputs = model_inputs(*args);
     inputs.push_back({"-d", o->data_path});
     inputs.push_back({"--config", *config});
+    inputs.push_back({"--sensitive-init", o->sensitive_init});
     check_outputs_distinct({o->out, o->train.checkpoint_path, o->train.metrics_path}, inputs);
     if (o->train.resume && !std::filesystem::exists(o->train.checkpoint_path))
       throw_input("{}: no checkpoint to resume from", o->train.checkpoint_path);

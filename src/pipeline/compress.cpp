@@ -6,6 +6,7 @@
 
 #include "common/atomic_file.h"
 #include "common/error.h"
+#include "train/calibration.h"
 
 namespace fs = std::filesystem;
 
@@ -31,7 +32,15 @@ CompressReport run_compress(LoadedModel& m, const CompressOptions& o) {
   r.val_pretrained = evaluate(model, nullptr, data.val, o.train.eval_batch, pad);
   Clustering clustering;
   if (o.cluster) {
-    clustering = Clustering(model, o.plan.resolve(model), o.method);
+    const auto chosen = o.plan.resolve(model);
+    std::map<std::string, at::Tensor> fisher;
+    if (!o.sensitive_init.empty() && o.method != TrainMethod::kQAT) {
+      std::vector<std::string> names;
+      for (const auto& [name, cfg] : chosen) names.push_back(name);
+      fisher = fisher_diagonal(model, calibration_windows(o.sensitive_init, *m.tokenizer, o.calib_samples, o.calib_seq_len),
+                               names, o.train.checkpoint_layers);
+    }
+    clustering = Clustering(model, chosen, o.method, fisher.empty() ? nullptr : &fisher);
     r.clustered = static_cast<int64_t>(clustering.weights().size());
     WeightOverrides ptq = clustering.hard(model);
     r.val_start = evaluate(model, &ptq, data.val, o.train.eval_batch, pad);

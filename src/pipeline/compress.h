@@ -36,6 +36,11 @@ struct CompressOptions {
   // train.distill_alpha set the loss).
   bool distill = false;
   at::ScalarType teacher_dtype = at::kBFloat16;
+  // With a calibration text, the first palettes are sensitivity-weighted k-means (each weight
+  // weighed by its Fisher information on the text's first calib_samples windows of
+  // calib_seq_len tokens, as quantize --method sensitive-kmeans) instead of plain k-means.
+  std::string sensitive_init;
+  int64_t calib_samples = 128, calib_seq_len = 512;
 };
 
 struct CompressReport {

@@ -104,10 +104,7 @@ QuantizeReport quantize(LoadedModel& m, const QuantizeOptions& o) {
   if (needs_calibration(o.method)) {
     if (o.calib.empty()) throw_input("{} needs calibration text (--calib)", to_string(o.method));
     if (!m.tokenizer) throw_input("{} needs the model's tokenizer to read {} (--tokenizer)", to_string(o.method), o.calib);
-    if (o.calib_samples < 1) throw_invalid("calib_samples must be >= 1, got {}", o.calib_samples);
-    Dataset d = load_dataset(o.calib, *m.tokenizer, {o.calib_seq_len, /*val_fraction=*/0.0});
-    windows = std::move(d.train);
-    if (static_cast<int64_t>(windows.size()) > o.calib_samples) windows.resize(o.calib_samples);
+    windows = calibration_windows(o.calib, *m.tokenizer, o.calib_samples, o.calib_seq_len);
     for (const auto& w : windows) rep.calib_tokens += static_cast<int64_t>(w.tokens.size());
   }
   if (o.method == PtqMethod::kGPTQ)

@@ -7,6 +7,14 @@
 
 namespace edkm {
 
+std::vector<Example> calibration_windows(const std::string& path, const Tokenizer& tok, int64_t samples,
+                                         int64_t seq_len) {
+  if (samples < 1) throw_invalid("calibration samples must be >= 1, got {}", samples);
+  std::vector<Example> windows = load_dataset(path, tok, {seq_len, /*val_fraction=*/0.0}).train;
+  if (static_cast<int64_t>(windows.size()) > samples) windows.resize(samples);
+  return windows;
+}
+
 std::map<std::string, at::Tensor> fisher_diagonal(const Llama& model, const std::vector<Example>& windows,
                                                   const std::vector<std::string>& names, bool checkpoint_layers) {
   if (windows.empty()) throw_invalid("fisher_diagonal: no calibration windows");

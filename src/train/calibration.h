@@ -13,6 +13,11 @@
 
 namespace edkm {
 
+// The first `samples` windows of `seq_len` tokens of a calibration text (any file
+// load_dataset() reads: {"text"} documents such as C4, Alpaca, plain text), nothing held out.
+std::vector<Example> calibration_windows(const std::string& path, const Tokenizer& tok, int64_t samples,
+                                         int64_t seq_len);
+
 // The diagonal of the empirical Fisher information of the next-token loss,
 //   F_w = sum_s (dL_s / dw)^2,
 // L_s the mean loss of calibration window s, for each weight in `names` (weight-shaped, fp32).
