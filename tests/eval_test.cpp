@@ -244,6 +244,10 @@ TEST(Report, TableAndPlot) {
   EXPECT_NE(md.find("| dkm3 | dkm | 3.02 | 38.0 ± 1.0ⁿ | 48.0 ± 2.0 | 43.0 ± 1.1 | 5.600 |"), std::string::npos) << md;
   // piqa records no chance level here, copa does; the mean is over the tasks that do.
   EXPECT_NE(md.find("| chance (uniform guess) | | | | 50.0 | 50.0 | |"), std::string::npos) << md;
+  // A model scored on perplexity alone has an empty accuracy row, not a mean of 0.
+  results.push_back({{"label", "gptq3"}, {"method", "gptq"}, {"bits_per_weight", 3.25}, {"tasks", nlohmann::json::object()},
+                     {"perplexity", {{"tinystories", {{"token_perplexity", 9.5}}}}}});
+  EXPECT_NE(report_markdown(results).find("| gptq3 | gptq | 3.25 | | | | 9.500 |"), std::string::npos) << report_markdown(results);
   report_plot(results, tmp / "r.png");
   const std::string png = read_file(tmp / "r.png");
   ASSERT_GT(png.size(), 1000u);

@@ -41,15 +41,16 @@ double palette_bits(const Llama& m, const std::vector<std::pair<std::string, DKM
   return 8 * bytes / n;
 }
 
-// A frozen bf16 copy of the model, as compress --distill makes it.
-std::shared_ptr<const Llama> teacher_of(const Llama& m) {
+// A frozen copy of the model in `dtype`, as compress --distill makes it.
+std::shared_ptr<const Llama> teacher_of(const Llama& m, at::ScalarType dtype) {
   std::map<std::string, at::Tensor> w;
-  for (const auto& [name, t] : m.weights()) w[name] = t.detach().to(at::kBFloat16, false, true);
+  for (const auto& [name, t] : m.weights()) w[name] = t.detach().to(dtype, false, true);
   return std::make_shared<const Llama>(m.config(), std::move(w), "teacher");
 }
 
+// teacher: the distillation teacher's dtype; Undefined = no distillation.
 MemoryRow measure_memory(const std::string& model_name, const Llama& base, const Dataset& data,
-                         const CompressOptions& o, int bits, bool distill, int64_t steps) {
+                         const CompressOptions& o, int bits, at::ScalarType teacher, int64_t steps) {
   Llama m = clone(base);
   TrainOptions t = o.train;
   t.steps = steps;
@@ -68,19 +69,21 @@ MemoryRow measure_memory(const std::string& model_name, const Llama& base, const
   TensorMemory::reset_peak();
   reset_peak_rss();
   const int64_t before = TensorMemory::current();
-  // The teacher's bf16 weights count against the run that needs them.
-  if (distill) t.teacher = teacher_of(m);
+  // The teacher's weights count against the run that needs them.
+  const bool distill = teacher != at::ScalarType::Undefined;
+  if (distill) t.teacher = teacher_of(m, teacher);
   TrainReport r = train(m, bits > 0 ? &c : nullptr, small, t);
   std::string mode = bits > 0 ? fmt::format("DKM {}-bit", bits) : "fine-tune";
-  if (distill) mode += " + distillation";
+  if (distill) mode += fmt::format(" + distillation ({} teacher)", teacher == at::kFloat ? "fp32" : "bf16");
   return {model_name, mode, TensorMemory::peak() - before, peak_rss_bytes(),
           r.seconds / std::max<int64_t>(1, r.steps_done)};
 }
 
 }  // namespace
 
-// Memory rows per model: fine-tune, DKM, DKM + distillation (the first is the reference).
-constexpr size_t kMemoryModes = 3;
+// Memory rows per model: fine-tune, DKM, DKM + distillation from an fp32 and from a bf16
+// teacher (the first is the reference).
+constexpr size_t kMemoryModes = 4;
 
 double CompressBenchRow::perplexity() const { return std::exp(val_loss); }
 
@@ -124,7 +127,7 @@ CompressBenchResult run_compress_bench(const CompressBenchOptions& opts, const C
       Llama m = clone(base);
       Clustering c(m, chosen, method);
       TrainOptions tm = t;
-      if (distill) tm.teacher = teacher_of(base);
+      if (distill) tm.teacher = teacher_of(base, at::kFloat);
       train(m, &c, data, tm);
       std::vector<std::pair<std::string, DKMConfig>> layout;
       for (const auto& w : c.weights()) layout.emplace_back(w.name, w.cfg);
@@ -145,9 +148,9 @@ CompressBenchResult run_compress_bench(const CompressBenchOptions& opts, const C
   Llama large = Llama::random(big, at::kFloat, 0);
   const int bits = opts.bits.empty() ? 3 : opts.bits.front();
   for (const auto& [name, model] : {std::pair<const char*, const Llama*>{"stories260K", &base}, {"4-layer dim-512", &large}}) {
-    res.memory.push_back(measure_memory(name, *model, data, o, 0, false, opts.memory_steps));
-    res.memory.push_back(measure_memory(name, *model, data, o, bits, false, opts.memory_steps));
-    res.memory.push_back(measure_memory(name, *model, data, o, bits, true, opts.memory_steps));
+    res.memory.push_back(measure_memory(name, *model, data, o, 0, at::ScalarType::Undefined, opts.memory_steps));
+    for (at::ScalarType teacher : {at::ScalarType::Undefined, at::kFloat, at::kBFloat16})
+      res.memory.push_back(measure_memory(name, *model, data, o, bits, teacher, opts.memory_steps));
   }
   return res;
 }

@@ -88,7 +88,7 @@ void register_compress(CLI::App& app) {
   cmd->add_option("--calib-seq-len", o->calib_seq_len, "Tokens per calibration window (default 512)")
       ->check(CLI::Range(int64_t(2), int64_t(1) << 20));
   // distillation
-  auto teacher_dtype = std::make_shared<std::string>("bf16");
+  auto teacher_dtype = std::make_shared<std::string>("auto");
   cmd->add_flag("--distill", o->distill, "Train on the loaded model's token distributions (KL divergence; the model "
                                          "as loaded is the frozen teacher)");
   cmd->add_option("--distill-temperature", o->train.distill_temperature, "Softmax temperature of the distillation loss (default 1)")
@@ -96,8 +96,9 @@ void register_compress(CLI::App& app) {
   cmd->add_option("--distill-alpha", o->train.distill_alpha,
                   "Weight of the distillation loss; 1 - alpha goes to the data's cross-entropy (default 1)")
       ->check(finite_in(0.0, 1.0));
-  cmd->add_option("--teacher-dtype", *teacher_dtype, "The teacher's weights: bf16 (default), fp16 or fp32")
-      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
+  cmd->add_option("--teacher-dtype", *teacher_dtype,
+                  "The teacher's weights: auto (default: bf16 on a GPU, fp32 on a CPU), bf16, fp16 or fp32")
+      ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}));
   cmd->add_option("--dense-dtype", *dense_dtype, "Storage of unclustered tensors: keep, fp32, bf16, fp16")
       ->check(CLI::IsMember({"keep", "fp32", "bf16", "fp16"}));
   cmd->add_flag("-q,--quiet", o->train.quiet, "No progress bar");
@@ -124,7 +125,7 @@ void register_compress(CLI::App& app) {
     o->cluster = !*no_cluster;
     o->method = parse_train_method(*method);
     if (*dense_dtype != "keep") o->dense_dtype = parse_dtype(*dense_dtype);
-    o->teacher_dtype = parse_dtype(*teacher_dtype);
+    if (*teacher_dtype != "auto") o->teacher_dtype = parse_dtype(*teacher_dtype);
     if (o->train.checkpoint_path.empty()) o->train.checkpoint_path = o->out + ".ckpt";
     if (o->train.metrics_path.empty()) o->train.metrics_path = o->out + ".metrics.jsonl";
     std::vector<InputPath> inputs = model_inputs(*args);

@@ -81,7 +81,7 @@ std::string report_markdown(const std::vector<nlohmann::json>& results) {
   std::string s = "| model | method | bits/weight |";
   std::string sep = "|---|---|---|";
   for (const auto& t : tasks) s += " " + t + " |", sep += "---|";
-  s += " mean acc |", sep += "---|";
+  if (!tasks.empty()) s += " mean acc |", sep += "---|";
   for (const auto& p : ppl) s += " " + p + " ppl |", sep += "---|";
   s += "\n" + sep + "\n";
   for (const auto& r : results) {
@@ -98,7 +98,8 @@ std::string report_markdown(const std::vector<nlohmann::json>& results) {
                        100 * x[norm ? "acc_norm_stderr" : "acc_stderr"].get<double>(), norm ? "ⁿ" : "");
     }
     const auto [mean, se] = mean_accuracy(r);
-    s += fmt::format(" {:.1f} ± {:.1f} |", 100 * mean, 100 * se);
+    if (!tasks.empty())  // a model scored on perplexity only has no mean
+      s += r["tasks"].empty() ? std::string(" |") : fmt::format(" {:.1f} ± {:.1f} |", 100 * mean, 100 * se);
     for (const auto& p : ppl)
       s += r.contains("perplexity") && r["perplexity"].contains(p)
                ? fmt::format(" {:.3f} |", r["perplexity"][p]["token_perplexity"].get<double>())

@@ -33,9 +33,10 @@ struct CompressOptions {
   TrainMethod method = TrainMethod::kDKM;
   at::ScalarType dense_dtype = at::ScalarType::Undefined;  // storage of unclustered tensors
   // Distil from the model as loaded, frozen in teacher_dtype (train.distill_temperature and
-  // train.distill_alpha set the loss).
+  // train.distill_alpha set the loss). Undefined: bf16 on a GPU; fp32 on a CPU, where Debian's
+  // libtorch runs a bf16 forward pass 5-20 times slower than fp32 (BENCHMARKS.md).
   bool distill = false;
-  at::ScalarType teacher_dtype = at::kBFloat16;
+  at::ScalarType teacher_dtype = at::ScalarType::Undefined;
   // With a calibration text, the first palettes are sensitivity-weighted k-means (each weight
   // weighed by its Fisher information on the text's first calib_samples windows of
   // calib_seq_len tokens, as quantize --method sensitive-kmeans) instead of plain k-means.
