@@ -30,11 +30,20 @@ nlohmann::json fingerprint(const TrainOptions& o, const Dataset& data, const Clu
   nlohmann::json clustered = nlohmann::json::object();
   if (c)
     for (const auto& w : c->weights()) clustered[w.name] = dkm_to_json(w.cfg);
-  nlohmann::json fp = {{"steps", total},         {"batch", o.batch},         {"grad_accum", o.grad_accum},
-          {"lr", o.lr},             {"min_lr_ratio", o.min_lr_ratio}, {"warmup", o.warmup},
-          {"weight_decay", o.weight_decay}, {"betas", {o.beta1, o.beta2}}, {"adam_eps", o.adam_eps},
-          {"grad_clip", o.grad_clip}, {"seed", o.seed},         {"data", data.digest},
-          {"train_examples", data.train.size()}, {"clustered", clustered}};
+  nlohmann::json fp = {{"steps", total},
+                       {"batch", o.batch},
+                       {"grad_accum", o.grad_accum},
+                       {"lr", o.lr},
+                       {"min_lr_ratio", o.min_lr_ratio},
+                       {"warmup", o.warmup},
+                       {"weight_decay", o.weight_decay},
+                       {"betas", {o.beta1, o.beta2}},
+                       {"adam_eps", o.adam_eps},
+                       {"grad_clip", o.grad_clip},
+                       {"seed", o.seed},
+                       {"data", data.digest},
+                       {"train_examples", data.train.size()},
+                       {"clustered", clustered}};
   if (o.teacher) fp["distill"] = {{"temperature", o.distill_temperature}, {"alpha", o.distill_alpha}};
   if (c && c->method() != TrainMethod::kDKM) fp["method"] = to_string(c->method());
   return fp;
