@@ -29,7 +29,7 @@ at::Tensor gptq_quantize(const at::Tensor& weight, const at::Tensor& hessian, co
   cfg.validate();
   if (!weight.defined() || weight.dim() != 2 || weight.numel() == 0)
     throw_invalid("GPTQ: expected a non-empty [rows, cols] weight, got {}", weight.defined() ? c10::str(weight.sizes()) : "none");
-  const int64_t rows = weight.size(0), cols = weight.size(1);
+  const int64_t cols = weight.size(1);
   if (!hessian.defined() || hessian.dim() != 2 || hessian.size(0) != cols || hessian.size(1) != cols)
     throw_invalid("GPTQ: the Hessian must be [{}, {}] for a weight of {} columns, got {}", cols, cols, cols,
                   hessian.defined() ? c10::str(hessian.sizes()) : "none");
