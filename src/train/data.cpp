@@ -83,11 +83,17 @@ bool looks_like_alpaca(const std::string& path, const std::string& text) {
   return first != std::string::npos && (text[first] == '[' || text[first] == '{') && text.find("\"instruction\"") != std::string::npos;
 }
 
-// Splits Alpaca examples: the last `fraction` (at least one when there are two or more) is held out.
+// How many of n records (examples, documents) are held out: the last `fraction`, at least one
+// when there are two or more.
+size_t held_out(size_t n, double fraction) {
+  size_t nval = static_cast<size_t>(std::llround(fraction * n));
+  if (fraction > 0 && nval == 0 && n >= 2) nval = 1;
+  return nval;
+}
+
+// Splits Alpaca examples: the last held_out() of them are held out.
 void split(std::vector<Example>& all, double fraction, Dataset& d) {
-  int64_t nval = static_cast<int64_t>(std::llround(fraction * all.size()));
-  if (fraction > 0 && nval == 0 && all.size() >= 2) nval = 1;
-  const int64_t ntrain = static_cast<int64_t>(all.size()) - nval;
+  const int64_t ntrain = static_cast<int64_t>(all.size() - held_out(all.size(), fraction));
   d.train.assign(all.begin(), all.begin() + ntrain);
   d.val.assign(all.begin() + ntrain, all.end());
 }
@@ -137,7 +143,8 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
   d.digest = Checksum::format(sum.digest());
   std::vector<Example> all;
   std::vector<nlohmann::json> records;
-  if (looks_like_alpaca(path, text)) records = parse_records(text, path);
+  const bool json = looks_like_alpaca(path, text);
+  if (json) records = parse_records(text, path);
   if (is_documents(records)) {
     // Each document is BOS + text + EOS; the training documents (and, apart, the held-out last
     // val_fraction of them) form one stream cut into windows, every token carrying the loss.
@@ -147,9 +154,7 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
       docs.push_back(record_field(records[i], i, "text", true, path));
       check_utf8(docs.back(), fmt::format("{} (document {})", path, i + 1));
     }
-    int64_t nval = static_cast<int64_t>(std::llround(opts.val_fraction * docs.size()));
-    if (opts.val_fraction > 0 && nval == 0 && docs.size() >= 2) nval = 1;
-    const size_t ntrain = docs.size() - static_cast<size_t>(nval);
+    const size_t ntrain = docs.size() - held_out(docs.size(), opts.val_fraction);
     auto stream = [&](size_t from, size_t to) {
       std::vector<int> toks;
       for (size_t i = from; i < to; ++i) {
@@ -163,7 +168,7 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
     if (d.train.empty()) throw_input("{}: too little text for one training window", path);
     return d;
   }
-  if (looks_like_alpaca(path, text)) {
+  if (json) {
     d.kind = "alpaca";
     std::vector<AlpacaRecord> recs = parse_alpaca(records, path);
     if (recs.empty()) throw_input("{}: no examples", path);
