@@ -41,13 +41,6 @@ double palette_bits(const Llama& m, const std::vector<std::pair<std::string, DKM
   return 8 * bytes / n;
 }
 
-// A frozen copy of the model in `dtype`, as compress --distill makes it.
-std::shared_ptr<const Llama> teacher_of(const Llama& m, at::ScalarType dtype) {
-  std::map<std::string, at::Tensor> w;
-  for (const auto& [name, t] : m.weights()) w[name] = t.detach().to(dtype, false, true);
-  return std::make_shared<const Llama>(m.config(), std::move(w), "teacher");
-}
-
 // teacher: the distillation teacher's dtype; Undefined = no distillation.
 MemoryRow measure_memory(const std::string& model_name, const Llama& base, const Dataset& data,
                          const CompressOptions& o, int bits, at::ScalarType teacher, int64_t steps) {
@@ -71,7 +64,7 @@ MemoryRow measure_memory(const std::string& model_name, const Llama& base, const
   const int64_t before = TensorMemory::current();
   // The teacher's weights count against the run that needs them.
   const bool distill = teacher != at::ScalarType::Undefined;
-  if (distill) t.teacher = teacher_of(m, teacher);
+  if (distill) t.teacher = frozen_teacher(m, teacher);
   TrainReport r = train(m, bits > 0 ? &c : nullptr, small, t);
   std::string mode = bits > 0 ? fmt::format("DKM {}-bit", bits) : "fine-tune";
   if (distill) mode += fmt::format(" + distillation ({} teacher)", teacher == at::kFloat ? "fp32" : "bf16");
@@ -127,7 +120,7 @@ CompressBenchResult run_compress_bench(const CompressBenchOptions& opts, const C
       Llama m = clone(base);
       Clustering c(m, chosen, method);
       TrainOptions tm = t;
-      if (distill) tm.teacher = teacher_of(base, at::kFloat);
+      if (distill) tm.teacher = frozen_teacher(base, at::kFloat);
       train(m, &c, data, tm);
       std::vector<std::pair<std::string, DKMConfig>> layout;
       for (const auto& w : c.weights()) layout.emplace_back(w.name, w.cfg);

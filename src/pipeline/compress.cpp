@@ -47,14 +47,10 @@ CompressReport run_compress(LoadedModel& m, const CompressOptions& o) {
   }
   TrainOptions topts = o.train;
   if (o.distill) {
-    // The teacher is the model as loaded, in copies of its own: training updates the student's
-    // tensors in place.
     const at::ScalarType dtype = o.teacher_dtype != at::ScalarType::Undefined ? o.teacher_dtype
                                  : model.device().is_cpu()                    ? at::kFloat
                                                                               : at::kBFloat16;
-    std::map<std::string, at::Tensor> frozen;
-    for (const auto& [name, w] : model.weights()) frozen[name] = w.detach().to(dtype, false, /*copy=*/true);
-    topts.teacher = std::make_shared<const Llama>(model.config(), std::move(frozen), "teacher");
+    topts.teacher = frozen_teacher(model, dtype);
   }
   r.train = train(model, o.cluster ? &clustering : nullptr, data, topts);
   r.val_soft = r.train.val_loss_end;

@@ -483,6 +483,12 @@ class TrainingRun {
 
 }  // namespace
 
+std::shared_ptr<const Llama> frozen_teacher(const Llama& model, at::ScalarType dtype) {
+  std::map<std::string, at::Tensor> frozen;
+  for (const auto& [name, w] : model.weights()) frozen[name] = w.detach().to(dtype, false, /*copy=*/true);
+  return std::make_shared<const Llama>(model.config(), std::move(frozen), "teacher");
+}
+
 TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, const TrainOptions& o) {
   if (o.batch < 1 || o.grad_accum < 1) throw_invalid("batch and grad_accum must be >= 1");
   if (!(o.lr > 0)) throw_invalid("learning rate must be positive");

@@ -65,6 +65,10 @@ struct TrainReport {
 
 TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, const TrainOptions& opts);
 
+// A distillation teacher: the model's weights copied in `dtype` (copies of their own, since
+// training updates the student's tensors in place).
+std::shared_ptr<const Llama> frozen_teacher(const Llama& model, at::ScalarType dtype);
+
 // Mean loss per loss token over `examples`, with `overrides` in the forward pass.
 double evaluate(const Llama& model, const WeightOverrides* overrides, const std::vector<Example>& examples,
                 int64_t batch, int pad_id);
