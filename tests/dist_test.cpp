@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "common/atomic_file.h"
+#include "dist/dist.h"
 #include "format/format.h"
 #include "test_util.h"
 
@@ -35,6 +36,31 @@ TEST(DataParallel, TwoLearnersWriteTheSameModelAsOneLearner) {
   EXPECT_FALSE(std::filesystem::exists(tmp / "two.edkm.tmp"));
   CompressedModel m = read_compressed(tmp / "two.edkm");
   EXPECT_EQ(m.packed.size(), 35u);
+}
+
+TEST(DataParallel, ASingleRankGlooGroupKeepsTensorsAsTheyAre) {
+  test::TempDir tmp;
+  auto dist = Dist::with_file_store(tmp / "store", 0, 1);
+  at::Tensor g = at::randn({300});
+  const at::Tensor before = g.clone();
+  dist->allreduce_sum({g});
+  EXPECT_TRUE(at::equal(g, before));
+  const at::Tensor part = at::randint(-30000, 30000, {9}, at::kShort);
+  EXPECT_TRUE(at::equal(dist->all_gather(part), part));
+  dist->barrier();
+}
+
+TEST(DataParallel, NcclIsRefusedWithoutACudaBuild) {
+  if (has_nccl()) GTEST_SKIP() << "a CUDA build: the Cuda tests run NCCL";
+  test::TempDir tmp;
+  try {
+    Dist::with_file_store(tmp / "store", 0, 1, std::chrono::seconds(10), DistBackend::kNCCL);
+    FAIL() << "expected an error";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("needs a CUDA build"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(parse_dist_backend("nccl"), DistBackend::kNCCL);
+  EXPECT_THROW(parse_dist_backend("mpi"), std::invalid_argument);
 }
 
 TEST(DataParallel, ALearnerThatDiesStopsTheOthers) {

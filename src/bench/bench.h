@@ -14,6 +14,9 @@ namespace edkm::bench {
 
 // Seconds of the fastest of `reps` runs of f, after one warm-up run.
 double best_seconds(const std::function<void()>& f, int reps);
+// Waits until the work queued on `device` is done (nothing to wait for on the CPU), so that a
+// clock read after it times that work.
+void synchronize(const at::Device& device);
 
 // The seven projection weights of one LLaMA-7B decoder layer (q, k, v, o: 4096 x 4096; gate,
 // up: 11008 x 4096; down: 4096 x 11008), entries N(0, 0.02), in `dtype`. `scale` < 1 shrinks
@@ -28,6 +31,9 @@ struct DKMBenchOptions {
   int reps = 3;
   double layer_scale = 1.0;   // 1 = the real LLaMA-7B layer
   int64_t dense_slice = int64_t(1) << 22;  // weights the dense method is run on
+  // Where the layer lives: the CPU, or a GPU (extra memory then from the CUDA caching
+  // allocator's count of allocated bytes).
+  at::Device device = at::kCPU;
 };
 
 struct DKMBenchRow {
@@ -120,6 +126,33 @@ struct CompressBenchResult {
 
 CompressBenchResult run_compress_bench(const CompressBenchOptions& opts, const CompressOptions& train_opts);
 nlohmann::json to_json(const CompressBenchResult& r);
+
+// `edkm bench step`: one fine-tuning step of a LLaMA-7B-shaped model with random weights (fp32
+// master weights, AdamW, gradient checkpointing; bf16 autocast on a GPU) with DKM on every
+// projection, beside the same step without DKM: peak tensor memory and step time.
+struct StepBenchOptions {
+  // LLaMA-7B: dim 4096, SwiGLU 11008, 32 heads, vocabulary 32000, 32 layers (fewer fit a
+  // smaller memory: the per-layer cost is the same).
+  int64_t layers = 32, dim = 4096, hidden = 11008, heads = 32, vocab = 32000;
+  int64_t seq_len = 2048, batch = 1;
+  int bits = 3;
+  int steps = 2;  // timed steps (their mean is reported), after one untimed step
+  at::Device device = at::kCPU;
+};
+struct StepBenchRow {
+  std::string mode;               // "fine-tune" or "DKM b-bit"
+  int64_t peak_tensor_bytes = 0;  // the device's peak of bytes held by tensors, model included
+  double seconds_per_step = 0;
+};
+struct StepBenchResult {
+  StepBenchOptions options;
+  int64_t parameters = 0;
+  std::vector<StepBenchRow> rows;  // fine-tune, then DKM
+  double memory_ratio = 0, time_ratio = 0;  // DKM / fine-tune
+};
+StepBenchResult run_step_bench(const StepBenchOptions& opts);
+std::string format_table(const StepBenchResult& r);
+nlohmann::json to_json(const StepBenchResult& r);
 
 // `edkm bench threads`: 1 thread, every core (the old default) and the default (the cores idle
 // at start, common/threads.h) side by side, idle and with a busy process on one core, for

@@ -28,6 +28,12 @@ double best_seconds(const std::function<void()>& f, int reps) {
   return best;
 }
 
+void synchronize(const at::Device& device) {
+  // A copy to the host waits for everything queued before it on the current stream, which is
+  // where all of edkm's work goes; portable across libtorch versions and devices.
+  if (!device.is_cpu()) at::zeros({1}, at::device(device)).cpu();
+}
+
 std::vector<at::Tensor> llama7b_layer(at::ScalarType dtype, double scale, uint64_t seed) {
   at::manual_seed(seed);
   const int64_t d = std::max<int64_t>(1, int64_t(4096 * scale)), h = std::max<int64_t>(1, int64_t(11008 * scale));
@@ -49,42 +55,45 @@ using Forward = std::function<at::Tensor(size_t i, const at::Tensor& w)>;
 
 struct Case {
   DKMBenchRow row;
+  at::Device device;
   const std::vector<at::Tensor>* mats;
   const std::vector<at::Tensor>* grads;
   Forward fwd;
 
   Case(std::string method, std::string scope, const std::vector<at::Tensor>& m,
        const std::vector<at::Tensor>& g, Forward f)
-      : row{std::move(method), std::move(scope)}, mats(&m), grads(&g), fwd(std::move(f)) {
+      : row{std::move(method), std::move(scope)}, device(m.front().device()), mats(&m), grads(&g), fwd(std::move(f)) {
     for (const auto& w : m) row.weights += w.numel();
   }
 
   // Returns the seconds the run took.
   double run_once() {
+    synchronize(device);
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<at::Tensor> ws, outs;
     for (const auto& m : *mats) ws.push_back(m.detach().requires_grad_(true));
-    TensorMemory::reset_peak();
-    const int64_t base = TensorMemory::current();
+    TensorMemory::reset_peak(device);
+    const int64_t base = TensorMemory::current(device);
     int64_t out_bytes = 0;
     for (size_t i = 0; i < ws.size(); ++i) {
       outs.push_back(fwd(i, ws[i]));
       out_bytes += bytes(outs.back());
     }
-    int64_t extra = TensorMemory::peak() - base - out_bytes;
-    row.saved_bytes = std::max<int64_t>(0, TensorMemory::current() - base - out_bytes);
+    int64_t extra = TensorMemory::peak(device) - base - out_bytes;
+    row.saved_bytes = std::max<int64_t>(0, TensorMemory::current(device) - base - out_bytes);
     int64_t grad_bytes = 0;
     for (size_t i = 0; i < ws.size(); ++i) {
-      TensorMemory::reset_peak();
-      const int64_t before = TensorMemory::current();
+      TensorMemory::reset_peak(device);
+      const int64_t before = TensorMemory::current(device);
       torch::autograd::backward({outs[i]}, {(*grads)[i]});
       outs[i] = at::Tensor();
       out_bytes -= bytes((*mats)[i]);
       const int64_t stash = before - base - out_bytes - bytes((*mats)[i]) - grad_bytes;
-      extra = std::max(extra, stash + TensorMemory::peak() - before - bytes(ws[i].grad()));
+      extra = std::max(extra, stash + TensorMemory::peak(device) - before - bytes(ws[i].grad()));
       grad_bytes += bytes(ws[i].grad());
     }
     row.extra_bytes = std::max<int64_t>(0, extra);
+    synchronize(device);
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
 };
@@ -114,7 +123,9 @@ std::vector<DKMPassRow> measure_passes(const std::string& name, const at::Tensor
   std::vector<double> best(6, 1e300);
   for (int r = 0; r < std::max(1, reps) + 1; ++r) {  // the first round warms up
     std::vector<double> t;
+    synchronize(w.device());
     auto lap = [&, t0 = std::chrono::steady_clock::now()]() mutable {
+      synchronize(w.device());
       const auto now = std::chrono::steady_clock::now();
       t.push_back(std::chrono::duration<double>(now - t0).count());
       t0 = now;
@@ -152,6 +163,7 @@ DKMBenchResult run_dkm_bench(const DKMBenchOptions& opts) {
   cfg.bits = opts.bits;
 
   std::vector<at::Tensor> layer = llama7b_layer(opts.weight_dtype, opts.layer_scale);
+  for (at::Tensor& w : layer) w = w.to(opts.device);
   std::vector<at::Tensor> grads, palettes;
   for (const auto& w : layer) {
     grads.push_back(at::randn_like(w));
@@ -164,7 +176,7 @@ DKMBenchResult run_dkm_bench(const DKMBenchOptions& opts) {
       return dkm(w, pal[i], c).weight;
     };
   };
-  const at::Tensor s = at::full({}, 1.5, opts.weight_dtype);
+  const at::Tensor s = at::full({}, 1.5, at::TensorOptions(opts.weight_dtype).device(opts.device));
   Forward floor = [&](size_t, const at::Tensor& w) { return w * s; };
 
   Case floor_case("floor (w*s)", "layer", layer, grads, floor);
@@ -205,8 +217,8 @@ DKMBenchResult run_dkm_bench(const DKMBenchOptions& opts) {
 
 std::string format_table(const DKMBenchResult& r) {
   std::string s = fmt::format(
-      "DKM forward+backward, bits {}, {} weights N(0, 0.02), threads {}, best of {}\n", r.options.bits,
-      r.options.weight_dtype == at::kFloat ? "fp32" : "bf16", r.threads, r.options.reps);
+      "DKM forward+backward on {}, bits {}, {} weights N(0, 0.02), threads {}, best of {}\n", r.options.device.str(),
+      r.options.bits, r.options.weight_dtype == at::kFloat ? "fp32" : "bf16", r.threads, r.options.reps);
   s += fmt::format("{:<12} {:<22} {:>12} {:>10} {:>12} {:>12}\n", "method", "scope", "weights",
                    "seconds", "saved MiB", "extra MiB");
   for (const auto& row : r.rows) {
@@ -237,6 +249,7 @@ nlohmann::json to_json(const DKMBenchResult& r) {
   nlohmann::json passes = nlohmann::json::array();
   for (const auto& p : r.passes) passes.push_back({{"matrix", p.matrix}, {"pass", p.pass}, {"seconds", p.seconds}});
   return {{"benchmark", "dkm"},
+          {"device", r.options.device.str()},
           {"weights", r.options.weight_dtype == at::kFloat ? "fp32" : "bf16"},
           {"bits", r.options.bits},
           {"reps", r.options.reps},

@@ -40,9 +40,12 @@ void register_bench(CLI::App& app) {
   auto weights = std::make_shared<std::string>("bf16");
   dkm->add_option("--weights", *weights, "The layer's dtype: bf16, or fp32 (training's master weights)")
       ->check(CLI::IsMember({"bf16", "fp32"}));
+  auto device = std::make_shared<std::string>("cpu");
+  dkm->add_option("--device", *device, "Where the layer lives: cpu, cuda or cuda:N");
   dkm->add_flag("--json", *json, "Print the results as JSON");
-  add_runner(dkm, [opts, json, weights] {
+  add_runner(dkm, [opts, json, weights, device] {
     opts->weight_dtype = parse_dtype(*weights);
+    opts->device = parse_device(*device);
     bench::DKMBenchResult r = bench::run_dkm_bench(*opts);
     print(*json, r, [](const auto& x) { return bench::format_table(x); });
   });
@@ -103,6 +106,29 @@ void register_bench(CLI::App& app) {
   add_runner(lut, [lreps, ltokens, ljson] {
     bench::LutBenchResult r = bench::run_lut_bench(*lreps, *ltokens);
     print(*ljson, r, [](const auto& x) { return x.table(); });
+  });
+
+  auto* step = bench->add_subcommand(
+      "step", "One fine-tuning step of a LLaMA-7B-shaped model (random weights) with DKM vs without: memory, time");
+  auto sopts = std::make_shared<bench::StepBenchOptions>();
+  auto sdevice = std::make_shared<std::string>("cpu");
+  auto sjson = std::make_shared<bool>(false);
+  const auto positive = CLI::Range(int64_t(1), int64_t(1) << 20);
+  step->add_option("--layers", sopts->layers, "Decoder layers (LLaMA-7B: 32)")->check(positive);
+  step->add_option("--dim", sopts->dim, "Hidden size (LLaMA-7B: 4096)")->check(positive);
+  step->add_option("--hidden", sopts->hidden, "SwiGLU size (LLaMA-7B: 11008)")->check(positive);
+  step->add_option("--heads", sopts->heads, "Attention heads (LLaMA-7B: 32)")->check(positive);
+  step->add_option("--vocab", sopts->vocab, "Vocabulary (LLaMA-7B: 32000)")->check(positive);
+  step->add_option("--seq-len", sopts->seq_len, "Tokens per sequence")->check(positive);
+  step->add_option("--batch", sopts->batch, "Sequences per step")->check(positive);
+  step->add_option("--bits", sopts->bits, "Bits per weight")->check(CLI::Range(1, 8));
+  step->add_option("--steps", sopts->steps, "Timed steps (after one untimed step)")->check(CLI::Range(1, 100));
+  step->add_option("--device", *sdevice, "cpu, cuda or cuda:N");
+  step->add_flag("--json", *sjson, "Print the results as JSON");
+  add_runner(step, [sopts, sdevice, sjson] {
+    sopts->device = parse_device(*sdevice);
+    bench::StepBenchResult r = bench::run_step_bench(*sopts);
+    print(*sjson, r, [](const auto& x) { return bench::format_table(x); });
   });
 
   auto* thr = bench->add_subcommand("threads", "1 thread vs the default, idle and with a busy core: decode, perplexity, a training step");

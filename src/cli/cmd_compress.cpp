@@ -38,6 +38,8 @@ void register_compress(CLI::App& app) {
   auto nproc = std::make_shared<int>(1);
   auto json = std::make_shared<bool>(false);
   auto dist_timeout = std::make_shared<int>(300);
+  auto dist_backend = std::make_shared<std::string>("auto");
+  auto autocast = std::make_shared<std::string>("auto");
   add_model_args(cmd, *args);
   cmd->add_option("-d,--data", o->data_path, "Alpaca JSON/JSONL or plain text")->required();
   cmd->add_option("-o,--out", o->out, "Compressed model file to write")->required();
@@ -56,6 +58,10 @@ void register_compress(CLI::App& app) {
                   "Data-parallel learners on this machine (c10d Gloo on loopback); a learner started by torchrun, "
                   "Slurm or mpirun joins from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT instead")
       ->check(CLI::Range(1, 256));
+  cmd->add_option("--dist-backend", *dist_backend,
+                  "Collectives between learners: auto (NCCL when the device is a GPU and this is a CUDA build, "
+                  "else Gloo), gloo or nccl")
+      ->check(CLI::IsMember({"auto", "gloo", "nccl"}));
   cmd->add_option("--dist-timeout", *dist_timeout,
                   "Seconds to wait for the other learners to join, and for any collective, before failing")
       ->check(CLI::Range(1, 86400));
@@ -99,6 +105,10 @@ void register_compress(CLI::App& app) {
   cmd->add_option("--teacher-dtype", *teacher_dtype,
                   "The teacher's weights: auto (default: bf16 on a GPU, fp32 on a CPU), bf16, fp16 or fp32")
       ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}));
+  cmd->add_option("--autocast", *autocast,
+                  "Mixed precision on a GPU: matrix products in bf16 or fp16 over fp32 master weights; auto (default: "
+                  "bf16 on a GPU, off on a CPU), off, bf16 or fp16")
+      ->check(CLI::IsMember({"auto", "off", "bf16", "fp16"}));
   cmd->add_option("--dense-dtype", *dense_dtype, "Storage of unclustered tensors: keep, fp32, bf16, fp16")
       ->check(CLI::IsMember({"keep", "fp32", "bf16", "fp16"}));
   cmd->add_flag("-q,--quiet", o->train.quiet, "No progress bar");
@@ -106,10 +116,17 @@ void register_compress(CLI::App& app) {
   add_runner(cmd, [=] {
     if (*nproc > 1 && !Dist::env_requests_group()) std::exit(launch_local(*nproc, command_line()));
     std::shared_ptr<Dist> dist;
+    ModelArgs a = *args;
     if (Dist::env_requests_group()) {
-      dist = Dist::from_env(std::chrono::seconds(*dist_timeout));
+      const bool on_gpu = parse_device(a.device).is_cuda();
+      const DistBackend backend = *dist_backend != "auto" ? parse_dist_backend(*dist_backend)
+                                  : on_gpu && has_nccl()  ? DistBackend::kNCCL
+                                                          : DistBackend::kGloo;
+      dist = Dist::from_env(std::chrono::seconds(*dist_timeout), backend);
       set_default_dist(dist);
       o->train.dist = dist;
+      // One GPU per learner, as torchrun places them: learner LOCAL_RANK on GPU LOCAL_RANK.
+      if (on_gpu && (a.device == "auto" || a.device == "cuda")) a.device = fmt::format("cuda:{}", dist->local_rank());
     }
     const bool main_learner = !dist || dist->is_main();
     // Flags set the defaults; a --config file may refine them, per name pattern or globally.
@@ -135,9 +152,13 @@ void register_compress(CLI::App& app) {
     check_outputs_distinct({o->out, o->train.checkpoint_path, o->train.metrics_path}, inputs);
     if (o->train.resume && !std::filesystem::exists(o->train.checkpoint_path))
       throw_input("{}: no checkpoint to resume from", o->train.checkpoint_path);
-    ModelArgs a = *args;
     if (a.dtype == "auto") a.dtype = "fp32";  // fp32 master weights; DKM rounds to --cluster-dtype
     LoadedModel m = load_for_inference(a, /*require_tokenizer=*/true, /*verbose=*/main_learner);
+    const bool on_gpu = m.model.device().is_cuda();
+    if (*autocast == "auto") o->train.autocast = on_gpu ? at::kBFloat16 : at::ScalarType::Undefined;
+    else if (*autocast != "off") o->train.autocast = parse_dtype(*autocast);
+    if (o->train.autocast != at::ScalarType::Undefined && !on_gpu)
+      throw_invalid("--autocast {} needs a GPU (--device cuda); on a CPU, training runs in the model's dtype", *autocast);
     std::signal(SIGINT, on_stop_signal);
     std::signal(SIGTERM, on_stop_signal);
     o->train.should_stop = [] { return g_signal.load() != 0; };

@@ -84,6 +84,10 @@ std::unique_ptr<ValueIndex> make_pattern_index(const at::Tensor& weight, const G
   // The backend is chosen here, once for the index's lifetime.
   if (kernels == Kernels::kAuto && weight.device().is_cpu())
     return make_host_pattern_index(weight.detach(), layout, scale, r);
+#ifdef EDKM_CUDA
+  if (kernels == Kernels::kAuto && weight.device().is_cuda())
+    return make_cuda_pattern_index(weight.detach(), layout, scale, r);
+#endif
   return make_aten_pattern_index(weight.detach(), layout, scale, r);
 }
 

@@ -7,6 +7,7 @@
 // once when the index is built (make_pattern_index):
 //   host  hand-written parallel loops over CPU tensors (pattern_index_host.cpp), with AVX-512
 //         versions of the bf16 loops where the CPU has them (pattern_avx512.h);
+//   CUDA  one kernel per pass over CUDA tensors, in CUDA builds (pattern_index_cuda.cu);
 //   ATen  chunked gathers and scatters of ATen ops, for tensors on any device
 //         (pattern_index_aten.cpp).
 #pragma once
@@ -50,6 +51,10 @@ class PatternIndex : public ValueIndex {
 
 std::unique_ptr<ValueIndex> make_host_pattern_index(const at::Tensor& weight, const GroupLayout& layout,
                                                     const at::Tensor& scale, at::ScalarType rounding);
+#ifdef EDKM_CUDA
+std::unique_ptr<ValueIndex> make_cuda_pattern_index(const at::Tensor& weight, const GroupLayout& layout,
+                                                    const at::Tensor& scale, at::ScalarType rounding);
+#endif
 std::unique_ptr<ValueIndex> make_aten_pattern_index(const at::Tensor& weight, const GroupLayout& layout,
                                                     const at::Tensor& scale, at::ScalarType rounding);
 

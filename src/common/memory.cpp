@@ -3,11 +3,17 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <torch/version.h>
+#ifdef EDKM_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 #include <atomic>
 #include <fstream>
 #include <mutex>
 #include <string>
+
+#include "common/error.h"
 
 namespace edkm {
 namespace {
@@ -87,8 +93,45 @@ void TensorMemory::install() {
   });
 }
 
-int64_t TensorMemory::current() { return g_current.load(); }
-int64_t TensorMemory::peak() { return g_peak.load(); }
-void TensorMemory::reset_peak() { g_peak.store(g_current.load()); }
+namespace {
+
+// The allocated-bytes statistic of a CUDA device: [0] is the aggregate over its memory pools.
+#ifdef EDKM_CUDA
+c10::DeviceIndex cuda_index(const c10::Device& d) { return d.has_index() ? d.index() : c10::cuda::current_device(); }
+auto cuda_allocated(const c10::Device& d) {
+  return c10::cuda::CUDACachingAllocator::getDeviceStats(cuda_index(d)).allocated_bytes[0];
+}
+#endif
+
+[[noreturn]] void uncounted(const c10::Device& d) {
+  throw_invalid("tensor memory on {} is not counted{}", d.str(),
+                d.is_cuda() ? " (this is not a CUDA build of edkm)" : "");
+}
+
+}  // namespace
+
+int64_t TensorMemory::current(const c10::Device& d) {
+  if (d.is_cpu()) return g_current.load();
+#ifdef EDKM_CUDA
+  if (d.is_cuda()) return cuda_allocated(d).current;
+#endif
+  uncounted(d);
+}
+
+int64_t TensorMemory::peak(const c10::Device& d) {
+  if (d.is_cpu()) return g_peak.load();
+#ifdef EDKM_CUDA
+  if (d.is_cuda()) return cuda_allocated(d).peak;
+#endif
+  uncounted(d);
+}
+
+void TensorMemory::reset_peak(const c10::Device& d) {
+  if (d.is_cpu()) return g_peak.store(g_current.load());
+#ifdef EDKM_CUDA
+  if (d.is_cuda()) return c10::cuda::CUDACachingAllocator::resetPeakStats(cuda_index(d));
+#endif
+  uncounted(d);
+}
 
 }  // namespace edkm

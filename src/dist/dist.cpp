@@ -9,7 +9,11 @@
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/version.h>
 #include <unistd.h>
+#ifdef EDKM_CUDA
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <condition_variable>
 #include <cstdlib>
@@ -21,6 +25,40 @@
 #include "common/error.h"
 
 namespace edkm {
+
+// libtorch 2 moved the collectives from ProcessGroup to its backends (ProcessGroupGloo and
+// ProcessGroupNCCL derive from Backend); both classes offer the same calls used here.
+#if TORCH_VERSION_MAJOR >= 2
+using Collectives = c10d::Backend;
+#else
+using Collectives = c10d::ProcessGroup;
+#endif
+
+struct Dist::Group {
+  c10::intrusive_ptr<Collectives> pg;
+  // Where tensors go for NCCL (the learner's GPU); CPU for Gloo, which takes any tensor.
+  at::Device device{at::kCPU};
+
+  // `t` where the backend takes it.
+  at::Tensor staged(const at::Tensor& t) const { return device.is_cpu() || t.device() == device ? t : t.to(device); }
+};
+
+DistBackend parse_dist_backend(const std::string& s) {
+  if (s == "gloo") return DistBackend::kGloo;
+  if (s == "nccl") return DistBackend::kNCCL;
+  throw_invalid("unknown distributed backend '{}' (expected gloo or nccl)", s);
+}
+
+std::string to_string(DistBackend b) { return b == DistBackend::kNCCL ? "nccl" : "gloo"; }
+
+bool has_nccl() {
+#ifdef EDKM_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 int env_int(const char* name, int fallback) {
@@ -40,8 +78,9 @@ std::shared_ptr<Dist> g_default;
 
 bool Dist::env_requests_group() { return env_int("WORLD_SIZE", 1) > 1; }
 
-std::shared_ptr<Dist> Dist::from_env(std::chrono::seconds timeout) {
+std::shared_ptr<Dist> Dist::from_env(std::chrono::seconds timeout, DistBackend backend) {
   auto d = std::make_shared<Dist>();
+  d->backend_ = backend;
   d->world_ = env_int("WORLD_SIZE", 1);
   d->rank_ = env_int("RANK", 0);
   d->local_rank_ = env_int("LOCAL_RANK", d->rank_);
@@ -89,38 +128,57 @@ std::shared_ptr<Dist> Dist::from_env(std::chrono::seconds timeout) {
     }
     stop_reporter();
   }
-  auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-  opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-  d->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(store, d->rank_, d->world_, opts);
+  d->join(store, timeout, /*loopback=*/false);
   return d;
 }
 
-std::shared_ptr<Dist> Dist::with_file_store(const std::string& path, int rank, int world, std::chrono::seconds timeout) {
+std::shared_ptr<Dist> Dist::with_file_store(const std::string& path, int rank, int world, std::chrono::seconds timeout,
+                                             DistBackend backend) {
   auto d = std::make_shared<Dist>();
   d->rank_ = d->local_rank_ = rank;
   d->world_ = world;
-  if (world == 1) return d;
-  auto store = c10::make_intrusive<c10d::FileStore>(path, world);
-  auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-  opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-  d->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+  d->backend_ = backend;
+  // A group of one is made too: with one GPU, a single-rank NCCL group is what can be checked.
+  d->join(c10::make_intrusive<c10d::FileStore>(path, world), timeout, /*loopback=*/true);
   return d;
 }
 
+void Dist::join(const c10::intrusive_ptr<c10d::Store>& store, std::chrono::seconds timeout, bool loopback) {
+  group_ = std::make_shared<Group>();
+  if (backend_ == DistBackend::kNCCL) {
+#ifdef EDKM_CUDA
+    if (local_rank_ >= static_cast<int>(at::getNumGPUs()))
+      throw_input("learner {} (LOCAL_RANK {}) needs GPU {}, but this machine has {} GPUs", rank_, local_rank_,
+                  local_rank_, at::getNumGPUs());
+    auto opts = c10d::ProcessGroupNCCL::Options::create();
+    opts->timeout = timeout;
+    group_->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank_, world_, opts);
+    group_->device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local_rank_));
+    return;
+#else
+    throw_invalid("the NCCL backend needs a CUDA build of edkm (README: the CUDA build); this one has Gloo only");
+#endif
+  }
+  auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+  opts->devices.push_back(loopback ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
+                                   : c10d::ProcessGroupGloo::createDefaultDevice());
+  group_->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank_, world_, opts);
+}
+
 void Dist::allreduce_sum(const std::vector<at::Tensor>& tensors) const {
-  if (world_ == 1 || tensors.empty()) return;
+  if (!group_ || tensors.empty()) return;
   constexpr int64_t kBucket = 25 << 20;
   std::vector<at::Tensor> bucket;
   int64_t bytes = 0;
   auto flush = [&] {
     if (bucket.empty()) return;
-    std::vector<at::Tensor> flat{at::cat([&] {
+    std::vector<at::Tensor> flat{group_->staged(at::cat([&] {
       std::vector<at::Tensor> v;
       for (const auto& t : bucket) v.push_back(t.reshape({-1}));
       return v;
-    }())};
+    }()))};
     try {
-      pg_->allreduce(flat)->wait();
+      group_->pg->allreduce(flat)->wait();
     } catch (const std::exception& e) {
       throw_input("learner {}: gradient all-reduce failed (another learner stopped?): {}", rank_, e.what());
     }
@@ -141,24 +199,27 @@ void Dist::allreduce_sum(const std::vector<at::Tensor>& tensors) const {
 }
 
 at::Tensor Dist::all_gather(const at::Tensor& part) const {
-  if (world_ == 1) return part;
-  // Gloo has no 16-bit integer type: 2-byte data travels as fp16 bit patterns.
+  if (!group_) return part;
+  // Gloo and NCCL have no 16-bit integer type: 2-byte data travels as fp16 bit patterns.
   const bool reinterpret = part.scalar_type() == at::kShort;
-  at::Tensor in = reinterpret ? part.contiguous().view(at::kHalf) : part.contiguous();
+  at::Tensor in = group_->staged(reinterpret ? part.contiguous().view(at::kHalf) : part.contiguous());
   std::vector<std::vector<at::Tensor>> out(1);
   for (int r = 0; r < world_; ++r) out[0].push_back(at::empty_like(in));
   std::vector<at::Tensor> inputs{in};
   try {
-    pg_->allgather(out, inputs)->wait();
+    group_->pg->allgather(out, inputs)->wait();
   } catch (const std::exception& e) {
     throw_input("learner {}: all-gather failed (another learner stopped?): {}", rank_, e.what());
   }
-  at::Tensor all = at::cat(out[0]);
+  at::Tensor all = at::cat(out[0]).to(part.device());
   return reinterpret ? all.view(at::kShort) : all;
 }
 
 void Dist::barrier() const {
-  if (world_ > 1) pg_->barrier()->wait();
+  if (!group_) return;
+  c10d::BarrierOptions opts;
+  if (!group_->device.is_cpu()) opts.device_ids = {group_->device.index()};  // NCCL: the learner's GPU
+  group_->pg->barrier(opts)->wait();
 }
 
 void set_default_dist(std::shared_ptr<Dist> d) {

@@ -1,6 +1,5 @@
-// dist: data-parallel learners on libtorch's c10d Gloo backend. Gloo also reduces CUDA tensors
-// in CUDA builds (staging through its own buffers); an NCCL process group is not wired in: it
-// could not be built or tested without a GPU here.
+// dist: data-parallel learners on libtorch's c10d process groups: Gloo (CPU tensors, and CUDA
+// tensors staged through host buffers) in every build, NCCL (CUDA tensors) in CUDA builds.
 //
 // A learner joins from the usual environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
 // LOCAL_RANK: torchrun, Slurm wrappers and mpirun set them), through a TCPStore rendezvous on
@@ -15,10 +14,19 @@
 #include <vector>
 
 namespace c10d {
-class ProcessGroup;
+class Store;
 }
 
 namespace edkm {
+
+enum class DistBackend {
+  kGloo,  // every build; the CPU backend
+  kNCCL,  // CUDA builds (has_nccl()); tensors on other devices are staged through the learner's GPU
+};
+DistBackend parse_dist_backend(const std::string& s);  // gloo | nccl
+std::string to_string(DistBackend b);
+// True in CUDA builds, whose libtorch has ProcessGroupNCCL.
+bool has_nccl();
 
 class Dist {
  public:
@@ -26,10 +34,13 @@ class Dist {
   Dist() = default;
   // Joins the group described by the environment; a learner that does not answer within
   // `timeout` makes every collective fail with an error instead of hanging.
-  static std::shared_ptr<Dist> from_env(std::chrono::seconds timeout = std::chrono::seconds(120));
+  // NCCL places learner LOCAL_RANK on GPU LOCAL_RANK.
+  static std::shared_ptr<Dist> from_env(std::chrono::seconds timeout = std::chrono::seconds(120),
+                                        DistBackend backend = DistBackend::kGloo);
   // Learner `rank` of `world` meeting through a file (several learners in one process, tests).
   static std::shared_ptr<Dist> with_file_store(const std::string& path, int rank, int world,
-                                               std::chrono::seconds timeout = std::chrono::seconds(60));
+                                               std::chrono::seconds timeout = std::chrono::seconds(60),
+                                               DistBackend backend = DistBackend::kGloo);
   // True when WORLD_SIZE is set (and > 1) in the environment.
   static bool env_requests_group();
 
@@ -37,6 +48,7 @@ class Dist {
   int world() const { return world_; }
   int local_rank() const { return local_rank_; }
   bool is_main() const { return rank_ == 0; }
+  DistBackend backend() const { return backend_; }
 
   // In-place sum over learners, in buckets of about 25 MB (tensors of one dtype per bucket).
   void allreduce_sum(const std::vector<at::Tensor>& tensors) const;
@@ -45,8 +57,16 @@ class Dist {
   void barrier() const;
 
  private:
+  // The process group: c10d's class hierarchy differs between libtorch 1.x (ProcessGroup) and 2.x
+  // (Backend), so it stays inside dist.cpp.
+  struct Group;
+  // Creates the process group on `store`; Gloo on 127.0.0.1 when `loopback`, else on the
+  // interface of the host's name.
+  void join(const c10::intrusive_ptr<c10d::Store>& store, std::chrono::seconds timeout, bool loopback);
+
   int rank_ = 0, world_ = 1, local_rank_ = 0;
-  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  DistBackend backend_ = DistBackend::kGloo;
+  std::shared_ptr<Group> group_;
 };
 
 // The process-wide group used by code that needs one without having it passed (eDKM's

@@ -1,9 +1,11 @@
 #include "train/trainer.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include <cmath>
 #include <cstring>
@@ -24,6 +26,45 @@ namespace edkm {
 namespace {
 
 bool is_matrix(const std::string& name, const at::Tensor& t) { return t.dim() == 2; }
+
+// Turns CUDA autocast on in `dtype` for its lifetime (TrainOptions::autocast), restoring the
+// previous state after. libtorch 2 renamed the calls and keyed them by device type.
+class AutocastGuard {
+ public:
+  AutocastGuard(at::ScalarType dtype, const at::Device& device)
+      : on_(dtype != at::ScalarType::Undefined && device.is_cuda()) {
+    if (!on_) return;
+#if TORCH_VERSION_MAJOR >= 2
+    was_enabled_ = at::autocast::is_autocast_enabled(at::kCUDA);
+    was_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
+    at::autocast::set_autocast_dtype(at::kCUDA, dtype);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+#else
+    was_enabled_ = at::autocast::is_enabled();
+    was_dtype_ = at::autocast::get_autocast_gpu_dtype();
+    at::autocast::set_autocast_gpu_dtype(dtype);
+    at::autocast::set_enabled(true);
+#endif
+  }
+  ~AutocastGuard() {
+    if (!on_) return;
+#if TORCH_VERSION_MAJOR >= 2
+    at::autocast::set_autocast_enabled(at::kCUDA, was_enabled_);
+    at::autocast::set_autocast_dtype(at::kCUDA, was_dtype_);
+#else
+    at::autocast::set_enabled(was_enabled_);
+    at::autocast::set_autocast_gpu_dtype(was_dtype_);
+#endif
+    at::autocast::clear_cache();  // the casts of this step's weights
+  }
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool on_;
+  bool was_enabled_ = false;
+  at::ScalarType was_dtype_ = at::kFloat;
+};
 
 // What determines the trajectory of a run: resuming with anything else would not reproduce it.
 nlohmann::json fingerprint(const TrainOptions& o, const Dataset& data, const Clustering* c, int64_t total) {
@@ -46,6 +87,7 @@ nlohmann::json fingerprint(const TrainOptions& o, const Dataset& data, const Clu
                        {"clustered", clustered}};
   if (o.teacher) fp["distill"] = {{"temperature", o.distill_temperature}, {"alpha", o.distill_alpha}};
   if (c && c->method() != TrainMethod::kDKM) fp["method"] = to_string(c->method());
+  if (o.autocast != at::ScalarType::Undefined) fp["autocast"] = c10::toString(o.autocast);
   return fp;
 }
 
@@ -335,6 +377,8 @@ class TrainingRun {
   double accumulate(const StepData& d, const SoftWeights& s, int64_t step) {
     double loss_sum = 0;
     for (const Batch& b : d.batches) {
+      // The backward stays under autocast too: checkpointed layers recompute their forward in it.
+      const AutocastGuard autocast(o_.autocast, model_.device());
       ForwardOptions fo;
       fo.overrides = clustering_ ? &s.leaves : nullptr;
       fo.checkpoint_layers = o_.checkpoint_layers;

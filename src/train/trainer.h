@@ -51,6 +51,10 @@ struct TrainOptions {
   std::shared_ptr<const Llama> teacher;
   double distill_temperature = 1.0;
   double distill_alpha = 1.0;
+  // Mixed precision on a GPU (PyTorch's torch.autocast): the forward and backward run their
+  // matrix products in this dtype (bf16, fp16) while the weights, their gradients and AdamW's
+  // state stay in the model's dtype (fp32 master weights). Undefined, or a CPU model: off.
+  at::ScalarType autocast = at::ScalarType::Undefined;
 };
 
 struct TrainReport {

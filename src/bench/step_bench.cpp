@@ -1,0 +1,122 @@
+// `edkm bench step`: what DKM adds to one fine-tuning step of a LLaMA-7B-shaped model, measured
+// beside the same step without it.
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "bench/bench.h"
+#include "common/error.h"
+#include "common/memory.h"
+#include "train/clustering.h"
+#include "train/trainer.h"
+
+namespace edkm::bench {
+namespace {
+
+LlamaConfig step_config(const StepBenchOptions& o) {
+  LlamaConfig c;
+  c.dim = o.dim;
+  c.hidden_dim = o.hidden;
+  c.n_layers = o.layers;
+  c.n_heads = c.n_kv_heads = o.heads;
+  c.vocab_size = o.vocab;
+  c.max_seq_len = o.seq_len;
+  c.tie_embeddings = false;
+  c.validate("bench step");
+  return c;
+}
+
+// Random token windows, each with its next-token targets: `batch` per step.
+Dataset random_tokens(const StepBenchOptions& o, int64_t examples) {
+  Dataset d;
+  d.source = d.digest = "random tokens";
+  d.kind = "text";
+  at::Tensor t = at::randint(0, o.vocab, {examples, o.seq_len + 1}, at::kInt).contiguous();
+  const int* p = t.data_ptr<int>();
+  for (int64_t e = 0; e < examples; ++e) {
+    const int* row = p + e * (o.seq_len + 1);
+    d.train.push_back({std::vector<int>(row, row + o.seq_len), std::vector<int>(row + 1, row + o.seq_len + 1)});
+  }
+  return d;
+}
+
+StepBenchRow measure(const StepBenchOptions& o, const LlamaConfig& cfg, bool cluster) {
+  TensorMemory::reset_peak(o.device);
+  Llama model = Llama::random(cfg, at::kFloat, /*seed=*/0);
+  model.to(o.device);
+  Clustering clustering;
+  if (cluster) {
+    ClusteringPlan plan;
+    plan.defaults.bits = o.bits;
+    clustering = Clustering(model, plan.resolve(model));
+  }
+  TrainOptions t;
+  t.batch = o.batch;
+  t.lr = 1e-5;
+  t.checkpoint_layers = true;
+  t.quiet = true;
+  t.autocast = o.device.is_cuda() ? at::kBFloat16 : at::ScalarType::Undefined;
+  // One untimed step (allocations, library start-up), then the timed ones, on fresh batches.
+  const Dataset warm = random_tokens(o, o.batch), timed = random_tokens(o, o.batch * o.steps);
+  t.steps = 1;
+  train(model, cluster ? &clustering : nullptr, warm, t);
+  t.steps = o.steps;
+  synchronize(o.device);
+  TrainReport r = train(model, cluster ? &clustering : nullptr, timed, t);
+  synchronize(o.device);
+  return {cluster ? fmt::format("DKM {}-bit", o.bits) : "fine-tune", TensorMemory::peak(o.device),
+          r.seconds / std::max<int64_t>(1, r.steps_done)};
+}
+
+}  // namespace
+
+StepBenchResult run_step_bench(const StepBenchOptions& opts) {
+  TensorMemory::install();
+  StepBenchResult res;
+  res.options = opts;
+  const LlamaConfig cfg = step_config(opts);
+  res.parameters = cfg.num_parameters();
+  res.rows.push_back(measure(opts, cfg, /*cluster=*/false));
+  res.rows.push_back(measure(opts, cfg, /*cluster=*/true));
+  res.memory_ratio = double(res.rows[1].peak_tensor_bytes) / double(res.rows[0].peak_tensor_bytes);
+  res.time_ratio = res.rows[1].seconds_per_step / res.rows[0].seconds_per_step;
+  return res;
+}
+
+std::string format_table(const StepBenchResult& r) {
+  const StepBenchOptions& o = r.options;
+  std::string s = fmt::format(
+      "one fine-tuning step on {}: {:.1f}M parameters ({} layers, dim {}, SwiGLU {}), batch {} x {} tokens, "
+      "AdamW, checkpointed layers{}; mean of {} steps after an untimed one\n",
+      o.device.str(), r.parameters / 1e6, o.layers, o.dim, o.hidden, o.batch, o.seq_len,
+      o.device.is_cuda() ? ", bf16 autocast" : "", o.steps);
+  s += fmt::format("{:<12} {:>16} {:>10}\n", "mode", "peak tensor GiB", "s/step");
+  for (const auto& row : r.rows)
+    s += fmt::format("{:<12} {:>16.2f} {:>10.3f}\n", row.mode, row.peak_tensor_bytes / 1073741824.0, row.seconds_per_step);
+  s += fmt::format("DKM / fine-tune: {:+.1f}% memory, {:+.1f}% time\n", 100 * (r.memory_ratio - 1),
+                   100 * (r.time_ratio - 1));
+  return s;
+}
+
+nlohmann::json to_json(const StepBenchResult& r) {
+  const StepBenchOptions& o = r.options;
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& row : r.rows)
+    rows.push_back({{"mode", row.mode}, {"peak_tensor_bytes", row.peak_tensor_bytes},
+                    {"seconds_per_step", row.seconds_per_step}});
+  return {{"benchmark", "step"},
+          {"device", o.device.str()},
+          {"parameters", r.parameters},
+          {"layers", o.layers},
+          {"dim", o.dim},
+          {"hidden", o.hidden},
+          {"batch", o.batch},
+          {"seq_len", o.seq_len},
+          {"bits", o.bits},
+          {"steps", o.steps},
+          {"rows", rows},
+          {"dkm_over_finetune_memory", r.memory_ratio},
+          {"dkm_over_finetune_time", r.time_ratio}};
+}
+
+}  // namespace edkm::bench

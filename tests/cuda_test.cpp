@@ -1,0 +1,151 @@
+// The CUDA paths against the CPU ones, on the same inputs: the pattern index's kernels, DKM's
+// forward and backward, a training step, perplexity, and a single-rank NCCL group. Every test is
+// skipped where no GPU is visible (the CPU build, CI); scripts/gpu-check.sh runs them on one.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "cluster/layout.h"
+#include "cluster/value_index.h"
+#include "dist/dist.h"
+#include "test_util.h"
+
+namespace edkm::detail {
+namespace {
+
+const std::string kStories = "models/stories260K/stories260K.bin";
+
+#define EDKM_REQUIRE_GPU() \
+  if (!at::hasCUDA()) GTEST_SKIP() << "no GPU visible"
+
+TEST(Cuda, PatternIndexKernelsMatchTheHostLoops) {
+  EDKM_REQUIRE_GPU();
+  at::manual_seed(3);
+  const at::Tensor bell = at::randn({512, 1000}) * 0.02;
+  // All-zero rows put every lane of a warp on one key: the warp-aggregated atomics' worst case.
+  const at::Tensor pruned = bell * (at::rand({512, 1000}) < 0.3) * (at::arange(512).remainder(7) != 0).unsqueeze(1);
+  for (const at::Tensor& base : {bell, pruned}) {
+    for (at::ScalarType wdt : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
+      for (ClusterDType cd : {ClusterDType::kBFloat16, ClusterDType::kFloat16}) {
+        for (auto [scaled, group] : {std::pair{false, 0}, std::pair{true, 96}, std::pair{false, 5}}) {
+          SCOPED_TRACE(fmt::format("w={} cd={} scaled={} group={}", c10::toString(wdt), to_string(cd), scaled, group));
+          DKMConfig cfg;
+          cfg.cluster_dtype = cd;
+          cfg.group_size = group;
+          cfg.per_row_scale = scaled;
+          const at::Tensor w = base.to(wdt);
+          const GroupLayout layout = GroupLayout::of(w, cfg);
+          const at::Tensor s = scaled ? row_scales(w) : at::Tensor();
+          auto host = make_pattern_index(w, layout, cfg, s);
+          auto gpu = make_pattern_index(w.cuda(), layout, cfg, scaled ? s.cuda() : s);
+          // The histogram is exact: the same distinct values and counts.
+          ASSERT_TRUE(at::equal(gpu->values().cpu(), host->values()));
+          ASSERT_TRUE(at::equal(gpu->counts().cpu(), host->counts()));
+
+          const at::Tensor table = at::randn(host->values().sizes(), host->values().options());
+          EXPECT_TRUE(at::equal(gpu->emit(table.cuda()).cpu(), host->emit(table)));
+
+          const at::Tensor G = at::randn(w.sizes()).to(wdt);
+          // fp64 sums in another order: equal to rounding.
+          EXPECT_LE(test::rel_err(gpu->aggregate(G.cuda()).cpu(), host->aggregate(G)), 1e-7);
+
+          const at::Tensor jac = at::randn({layout.groups, table.size(1), 1, 1}, table.options());
+          const at::Tensor h = at::randn({layout.groups, table.size(1), 1}, table.options());
+          EXPECT_TRUE(at::equal(gpu->input_grad(G.cuda(), jac.cuda(), h.cuda()).cpu(), host->input_grad(G, jac, h)));
+        }
+      }
+    }
+  }
+}
+
+TEST(Cuda, PatternIndexKernelsMatchTheGenericAtenCodeOnALayerSizedWeight) {
+  EDKM_REQUIRE_GPU();
+  at::manual_seed(4);
+  DKMConfig cfg;
+  cfg.per_row_scale = true;
+  cfg.group_size = 256;
+  const at::Tensor w = (at::randn({4096, 4096}, at::device(at::kCUDA)) * 0.02).to(at::kBFloat16);
+  const GroupLayout layout = GroupLayout::of(w, cfg);
+  const at::Tensor s = row_scales(w);
+  auto fast = make_pattern_index(w, layout, cfg, s);
+  auto generic = make_pattern_index(w, layout, cfg, s, Kernels::kGeneric);
+  ASSERT_TRUE(at::equal(fast->values(), generic->values()));
+  ASSERT_TRUE(at::equal(fast->counts(), generic->counts()));
+  const at::Tensor G = at::randn(w.sizes(), w.options());
+  EXPECT_LE(test::rel_err(fast->aggregate(G), generic->aggregate(G)), 1e-9);
+}
+
+TEST(Cuda, DkmForwardAndBackwardMatchTheCpu) {
+  EDKM_REQUIRE_GPU();
+  at::manual_seed(5);
+  DKMConfig cfg;
+  cfg.bits = 3;
+  cfg.per_row_scale = true;
+  cfg.group_size = 64;
+  const at::Tensor w0 = at::randn({256, 384}) * 0.02;
+  const at::Tensor s = row_scales(w0);
+  const at::Tensor c0 = init_palette(w0, cfg, s);
+  const at::Tensor upstream = at::randn(w0.sizes());
+  auto run = [&](const at::Device& device) {
+    at::Tensor w = w0.to(device).requires_grad_(true);
+    DKMResult r = dkm(w, c0.to(device), cfg, s.to(device));
+    (r.weight * upstream.to(device)).sum().backward();
+    return std::make_tuple(r.weight.detach().cpu(), w.grad().cpu(), r.palette.cpu(), r.iterations);
+  };
+  auto [y_cpu, g_cpu, p_cpu, it_cpu] = run(at::kCPU);
+  auto [y_gpu, g_gpu, p_gpu, it_gpu] = run(at::Device(at::kCUDA));
+  EXPECT_EQ(it_gpu, it_cpu);
+  EXPECT_LE(test::rel_err(p_gpu, p_cpu), 1e-6);
+  EXPECT_LE(test::rel_err(y_gpu, y_cpu), 1e-6);
+  EXPECT_LE(test::rel_err(g_gpu, g_cpu), 1e-5);
+}
+
+TEST(Cuda, CompressAndPerplexityOnTheGpuMatchTheCpu) {
+  EDKM_REQUIRE_GPU();
+  test::TempDir tmp;
+  const std::string model = test::asset(kStories);
+  const std::string data = test::asset("eval/tinystories/val_a.txt");
+  auto compress = [&](const std::string& device, const std::string& autocast) {
+    test::CliResult r = test::run_cli("compress -q --json --steps 4 --batch 4 --seq-len 64 --bits 3 --device " + device +
+                                          " --autocast " + autocast + " -m " + model + " -d " + data + " -o " +
+                                          tmp / (device + autocast + ".edkm"),
+                                      tmp);
+    EXPECT_EQ(r.code, 0) << r.err;
+    return nlohmann::json::parse(r.out);
+  };
+  const nlohmann::json cpu = compress("cpu", "off"), gpu = compress("cuda", "off");
+  // The same steps on the same batches in fp32: the losses agree to the GPU's summation order.
+  for (const char* key : {"start", "soft", "exported"})
+    EXPECT_NEAR(gpu["val_loss"][key].get<double>(), cpu["val_loss"][key].get<double>(), 2e-3) << key;
+  // Mixed precision (the GPU default) trains to about the same loss.
+  const nlohmann::json amp = compress("cuda", "auto");
+  EXPECT_NEAR(amp["val_loss"]["exported"].get<double>(), cpu["val_loss"]["exported"].get<double>(), 0.05);
+  auto perplexity = [&](const std::string& device) {
+    test::CliResult r = test::run_cli("perplexity -q --json --device " + device + " -m " + tmp / "cudaoff.edkm" +
+                                          " --text " + data + " --context 128",
+                                      tmp);
+    EXPECT_EQ(r.code, 0) << r.err;
+    return nlohmann::json::parse(r.out)["perplexity"].get<double>();
+  };
+  EXPECT_NEAR(perplexity("cuda"), perplexity("cpu"), 1e-3 * perplexity("cpu"));
+}
+
+TEST(Cuda, SingleRankNcclGroupReducesAndGathers) {
+  EDKM_REQUIRE_GPU();
+  test::TempDir tmp;
+  auto dist = Dist::with_file_store(tmp / "store", 0, 1, std::chrono::seconds(60), DistBackend::kNCCL);
+  ASSERT_EQ(dist->backend(), DistBackend::kNCCL);
+  at::Tensor grads = at::randn({1000}, at::device(at::kCUDA));
+  const at::Tensor before = grads.clone();
+  dist->allreduce_sum({grads});
+  EXPECT_TRUE(at::equal(grads, before));
+  // A CPU tensor travels through the learner's GPU and comes back to the CPU; int16 as fp16 bits.
+  const at::Tensor part = at::randint(-30000, 30000, {17}, at::kShort);
+  const at::Tensor all = dist->all_gather(part);
+  EXPECT_TRUE(all.device().is_cpu());
+  EXPECT_TRUE(at::equal(all, part));
+  dist->barrier();
+}
+
+}  // namespace
+}  // namespace edkm::detail
