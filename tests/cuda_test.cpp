@@ -132,6 +132,7 @@ TEST(Cuda, CompressAndPerplexityOnTheGpuMatchTheCpu) {
 
 TEST(Cuda, SingleRankNcclGroupReducesAndGathers) {
   EDKM_REQUIRE_GPU();
+  if (!has_nccl()) GTEST_SKIP() << "built without NCCL (nccl.h not found)";
   test::TempDir tmp;
   auto dist = Dist::with_file_store(tmp / "store", 0, 1, std::chrono::seconds(60), DistBackend::kNCCL);
   ASSERT_EQ(dist->backend(), DistBackend::kNCCL);

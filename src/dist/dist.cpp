@@ -11,7 +11,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/version.h>
 #include <unistd.h>
-#ifdef EDKM_CUDA
+#ifdef EDKM_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -52,7 +52,7 @@ DistBackend parse_dist_backend(const std::string& s) {
 std::string to_string(DistBackend b) { return b == DistBackend::kNCCL ? "nccl" : "gloo"; }
 
 bool has_nccl() {
-#ifdef EDKM_CUDA
+#ifdef EDKM_NCCL
   return true;
 #else
   return false;
@@ -138,7 +138,6 @@ std::shared_ptr<Dist> Dist::with_file_store(const std::string& path, int rank, i
   d->rank_ = d->local_rank_ = rank;
   d->world_ = world;
   d->backend_ = backend;
-  // A group of one is made too: with one GPU, a single-rank NCCL group is what can be checked.
   d->join(c10::make_intrusive<c10d::FileStore>(path, world), timeout, /*loopback=*/true);
   return d;
 }
@@ -146,7 +145,7 @@ std::shared_ptr<Dist> Dist::with_file_store(const std::string& path, int rank, i
 void Dist::join(const c10::intrusive_ptr<c10d::Store>& store, std::chrono::seconds timeout, bool loopback) {
   group_ = std::make_shared<Group>();
   if (backend_ == DistBackend::kNCCL) {
-#ifdef EDKM_CUDA
+#ifdef EDKM_NCCL
     if (local_rank_ >= static_cast<int>(at::getNumGPUs()))
       throw_input("learner {} (LOCAL_RANK {}) needs GPU {}, but this machine has {} GPUs", rank_, local_rank_,
                   local_rank_, at::getNumGPUs());
@@ -156,7 +155,7 @@ void Dist::join(const c10::intrusive_ptr<c10d::Store>& store, std::chrono::secon
     group_->device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local_rank_));
     return;
 #else
-    throw_invalid("the NCCL backend needs a CUDA build of edkm (README: the CUDA build); this one has Gloo only");
+    throw_invalid("the NCCL backend needs a CUDA build of edkm with NCCL (README: the CUDA build); this one has Gloo only");
 #endif
   }
   auto opts = c10d::ProcessGroupGloo::Options::create(timeout);

@@ -1,5 +1,6 @@
 // dist: data-parallel learners on libtorch's c10d process groups: Gloo (CPU tensors, and CUDA
 // tensors staged through host buffers) in every build, NCCL (CUDA tensors) in CUDA builds.
+// NCCL places learner LOCAL_RANK on GPU LOCAL_RANK.
 //
 // A learner joins from the usual environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
 // LOCAL_RANK: torchrun, Slurm wrappers and mpirun set them), through a TCPStore rendezvous on
@@ -21,11 +22,11 @@ namespace edkm {
 
 enum class DistBackend {
   kGloo,  // every build; the CPU backend
-  kNCCL,  // CUDA builds (has_nccl()); tensors on other devices are staged through the learner's GPU
+  kNCCL,  // CUDA builds with NCCL (has_nccl()); tensors on other devices are staged through the learner's GPU
 };
 DistBackend parse_dist_backend(const std::string& s);  // gloo | nccl
 std::string to_string(DistBackend b);
-// True in CUDA builds, whose libtorch has ProcessGroupNCCL.
+// True in CUDA builds that found NCCL's header (libtorch's ProcessGroupNCCL).
 bool has_nccl();
 
 class Dist {
@@ -34,10 +35,10 @@ class Dist {
   Dist() = default;
   // Joins the group described by the environment; a learner that does not answer within
   // `timeout` makes every collective fail with an error instead of hanging.
-  // NCCL places learner LOCAL_RANK on GPU LOCAL_RANK.
   static std::shared_ptr<Dist> from_env(std::chrono::seconds timeout = std::chrono::seconds(120),
                                         DistBackend backend = DistBackend::kGloo);
-  // Learner `rank` of `world` meeting through a file (several learners in one process, tests).
+  // Learner `rank` of `world` meeting through a file (several learners in one process, tests);
+  // unlike from_env, a group of one is made too (with one GPU, a single-rank NCCL group).
   static std::shared_ptr<Dist> with_file_store(const std::string& path, int rank, int world,
                                                std::chrono::seconds timeout = std::chrono::seconds(60),
                                                DistBackend backend = DistBackend::kGloo);

@@ -349,6 +349,11 @@ void Llama::to(at::ScalarType dtype) {
 void Llama::to(at::Device device) {
   for (auto& [name, t] : weights_)
     if (!kernels_.count(name)) t = t.to(device);
+  if (device.is_cpu() || kernels_.empty()) return;
+  const at::ScalarType dtype = this->dtype();
+  for (const auto& [name, kernel] : kernels_) weights_.at(name) = kernel->dense(dtype).to(device);
+  kernels_.clear();
+  bind();
 }
 
 void Llama::set_kernel(const std::string& name, std::shared_ptr<const LinearKernel> kernel) {

@@ -28,6 +28,9 @@ class LinearKernel {
   virtual ~LinearKernel() = default;
   // x [..., in] -> [..., out]
   virtual at::Tensor forward(const at::Tensor& x) const = 0;
+  // The weight it computes with, as a dense [out, in] tensor in `dtype`: what a model moved to
+  // a device the kernel does not serve computes with instead.
+  virtual at::Tensor dense(at::ScalarType dtype) const = 0;
 };
 
 struct ForwardOptions {
@@ -91,7 +94,8 @@ class Llama {
   std::vector<std::string> projection_names() const;
   at::ScalarType dtype() const;
   at::Device device() const;
-  // Casts every weight (norms included) to dtype / moves them to device.
+  // Casts every weight (norms included) to dtype / moves them to device. Kernels serve CPU
+  // tensors: moving to another device decodes each kernel's weight there once (dense()).
   void to(at::ScalarType dtype);
   void to(at::Device device);
 

@@ -26,6 +26,7 @@ class HessianCapture : public LinearKernel {
     h_.addmm_(x2.t(), x2);
     return at::linear(x, w_);
   }
+  at::Tensor dense(at::ScalarType dtype) const override { return w_.to(dtype); }
   const at::Tensor& hessian() const { return h_; }
 
  private:

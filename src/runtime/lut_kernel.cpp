@@ -294,9 +294,9 @@ at::Tensor PalettizedLinear::matmul(const at::Tensor& xin) const {
 at::Tensor PalettizedLinear::forward(const at::Tensor& x) const {
   if (x.size(-1) != w_.cols())
     throw_invalid("palettized linear: input has {} features, the weight {} columns", x.size(-1), w_.cols());
-  if (!x.device().is_cpu()) {  // other devices: decode on the device and use its matmul
-    return at::linear(x, w_.dense(x.scalar_type()).to(x.device()));
-  }
+  if (!x.device().is_cpu())
+    throw_invalid("palettized linear: the lookup-table kernels serve CPU tensors, the input is on {} "
+                  "(Llama::to() decodes the weights for other devices)", x.device().str());
   auto shape = x.sizes().vec();
   shape.back() = w_.rows();
   at::Tensor flat = x.reshape({-1, w_.cols()});

@@ -22,6 +22,7 @@ class PalettizedLinear final : public LinearKernel {
   explicit PalettizedLinear(PackedWeight w);
   // x [..., cols] -> [..., rows], in x's dtype.
   at::Tensor forward(const at::Tensor& x) const override;
+  at::Tensor dense(at::ScalarType dtype) const override { return w_.dense(dtype); }
   const PackedWeight& weight() const { return w_; }
 
   // The two paths, exposed for tests and benchmarks. x: [cols] fp32 / [n, cols] fp32.
