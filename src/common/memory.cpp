@@ -4,6 +4,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <torch/version.h>
 #ifdef EDKM_CUDA
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #endif
@@ -97,7 +98,12 @@ namespace {
 
 // The allocated-bytes statistic of a CUDA device: [0] is the aggregate over its memory pools.
 #ifdef EDKM_CUDA
-c10::DeviceIndex cuda_index(const c10::Device& d) { return d.has_index() ? d.index() : c10::cuda::current_device(); }
+// The device's index, with CUDA and its allocator started (their statistics refuse a device
+// that nothing has used yet): an empty tensor there starts them.
+c10::DeviceIndex cuda_index(const c10::Device& d) {
+  at::empty({0}, at::TensorOptions().device(d));
+  return d.has_index() ? d.index() : c10::cuda::current_device();
+}
 auto cuda_allocated(const c10::Device& d) {
   return c10::cuda::CUDACachingAllocator::getDeviceStats(cuda_index(d)).allocated_bytes[0];
 }
