@@ -76,7 +76,9 @@ export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu:$prefix/lib/x86_64-linu
 export PKG_CONFIG_LIBDIR="$prefix/usr/lib/x86_64-linux-gnu/pkgconfig:$prefix/usr/share/pkgconfig"
 export PKG_CONFIG_SYSROOT_DIR="$prefix"
 
-torch_cmake=$("$python" -c 'import torch; print(torch.utils.cmake_prefix_path)') || {
+# libtorch's CMake files, and its root, so that its libraries are found there before any other
+# libtorch on the machine.
+torch_cmake=$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__) + ";" + torch.utils.cmake_prefix_path)') || {
   echo "gpu-check: $python cannot import torch" >&2
   exit 1
 }
