@@ -73,7 +73,11 @@ at::Tensor fake_quantize(const at::Tensor& weight, const LearnedGrid& grid, int 
   at::Tensor s = scale_grad(grid.scale, g).clamp_min(1e-8).unsqueeze(1);
   at::Tensor z = scale_grad(grid.zero, g).unsqueeze(1);
   at::Tensor w = weight.to(at::kFloat);
-  at::Tensor q = at::clamp(round_ste(w / s + z), 0, maxq);
+  at::Tensor r = round_ste(w / s + z);
+  // The clamp as a selection: a rounded value in [0, maxq] passes with its gradient, one outside
+  // is replaced by the bound, a constant. (at::clamp's own derivative at the bounds differs
+  // between libtorch 1.x and 2.x: a value rounded onto a bound got no gradient in 2.x.)
+  at::Tensor q = at::where(r < 0, at::zeros_like(r), at::where(r > maxq, at::full_like(r, maxq), r));
   return (s * (q - z)).to(weight.scalar_type());
 }
 
