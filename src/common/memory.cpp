@@ -96,7 +96,6 @@ void TensorMemory::install() {
 
 namespace {
 
-// The allocated-bytes statistic of a CUDA device: [0] is the aggregate over its memory pools.
 #ifdef EDKM_CUDA
 // The device's index, with CUDA and its allocator started (their statistics refuse a device
 // that nothing has used yet): an empty tensor there starts them.
@@ -104,6 +103,7 @@ c10::DeviceIndex cuda_index(const c10::Device& d) {
   at::empty({0}, at::TensorOptions().device(d));
   return d.has_index() ? d.index() : c10::cuda::current_device();
 }
+// The allocated-bytes statistic of a CUDA device: [0] is the aggregate over its memory pools.
 auto cuda_allocated(const c10::Device& d) {
   return c10::cuda::CUDACachingAllocator::getDeviceStats(cuda_index(d)).allocated_bytes[0];
 }
@@ -114,23 +114,22 @@ auto cuda_allocated(const c10::Device& d) {
                 d.is_cuda() ? " (this is not a CUDA build of edkm)" : "");
 }
 
+// The bytes held by tensors on `d` now, or their peak.
+int64_t tensor_bytes(const c10::Device& d, bool peak) {
+  if (d.is_cpu()) return peak ? g_peak.load() : g_current.load();
+#ifdef EDKM_CUDA
+  if (d.is_cuda()) {
+    const auto stat = cuda_allocated(d);
+    return peak ? stat.peak : stat.current;
+  }
+#endif
+  uncounted(d);
+}
+
 }  // namespace
 
-int64_t TensorMemory::current(const c10::Device& d) {
-  if (d.is_cpu()) return g_current.load();
-#ifdef EDKM_CUDA
-  if (d.is_cuda()) return cuda_allocated(d).current;
-#endif
-  uncounted(d);
-}
-
-int64_t TensorMemory::peak(const c10::Device& d) {
-  if (d.is_cpu()) return g_peak.load();
-#ifdef EDKM_CUDA
-  if (d.is_cuda()) return cuda_allocated(d).peak;
-#endif
-  uncounted(d);
-}
+int64_t TensorMemory::current(const c10::Device& d) { return tensor_bytes(d, /*peak=*/false); }
+int64_t TensorMemory::peak(const c10::Device& d) { return tensor_bytes(d, /*peak=*/true); }
 
 void TensorMemory::reset_peak(const c10::Device& d) {
   if (d.is_cpu()) return g_peak.store(g_current.load());
