@@ -61,7 +61,13 @@ fi
 
 unpack() {
   rm -rf "$prefix" && mkdir -p "$prefix" || return 1
-  for f in "$gpu"/debs/*.deb; do dpkg -x "$f" "$prefix" || return 1; done
+  for f in "$gpu"/debs/*.deb; do
+    if command -v dpkg > /dev/null; then
+      dpkg -x "$f" "$prefix" || return 1
+    else  # a .deb is an ar archive; Debian 12's packages hold data.tar.xz
+      ar p "$f" data.tar.xz | tar -xJ -C "$prefix" || return 1
+    fi
+  done
   # Some packages link into / (libbz2.so -> /lib/...): point those links into the prefix.
   find "$prefix" -type l | while read -r link; do
     target=$(readlink "$link")
