@@ -49,8 +49,6 @@ DistBackend parse_dist_backend(const std::string& s) {
   throw_invalid("unknown distributed backend '{}' (expected gloo or nccl)", s);
 }
 
-std::string to_string(DistBackend b) { return b == DistBackend::kNCCL ? "nccl" : "gloo"; }
-
 bool has_nccl() {
 #ifdef EDKM_NCCL
   return true;

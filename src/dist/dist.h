@@ -25,7 +25,6 @@ enum class DistBackend {
   kNCCL,  // CUDA builds with NCCL (has_nccl()); tensors on other devices are staged through the learner's GPU
 };
 DistBackend parse_dist_backend(const std::string& s);  // gloo | nccl
-std::string to_string(DistBackend b);
 // True in CUDA builds that found NCCL's header (libtorch's ProcessGroupNCCL).
 bool has_nccl();
 

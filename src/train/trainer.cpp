@@ -376,9 +376,10 @@ class TrainingRun {
   // Forward and backward of every micro-batch; returns the summed loss (nats).
   double accumulate(const StepData& d, const SoftWeights& s, int64_t step) {
     double loss_sum = 0;
+    // One autocast scope for the step's micro-batches, so that its cast weights serve them all;
+    // the backward stays under it too: checkpointed layers recompute their forward in it.
+    const AutocastGuard autocast(o_.autocast, model_.device());
     for (const Batch& b : d.batches) {
-      // The backward stays under autocast too: checkpointed layers recompute their forward in it.
-      const AutocastGuard autocast(o_.autocast, model_.device());
       ForwardOptions fo;
       fo.overrides = clustering_ ? &s.leaves : nullptr;
       fo.checkpoint_layers = o_.checkpoint_layers;
