@@ -9,6 +9,7 @@
 #include <map>
 
 #include "cluster/cluster.h"
+#include "cluster/straight_through.h"
 #include "common/memory.h"
 #include "test_util.h"
 
@@ -24,9 +25,9 @@ struct Grads {
 
 // Forward and backward of sum(w~ * R) for a fixed random R.
 Grads run(const at::Tensor& w0, const at::Tensor& palette, const DKMConfig& cfg,
-          const at::Tensor& scale, const at::Tensor& R) {
+          const at::Tensor& scale, const at::Tensor& R, const at::Tensor& importance = {}) {
   at::Tensor w = w0.detach().clone().requires_grad_(true);
-  DKMResult r = dkm(w, palette, cfg, scale);
+  DKMResult r = dkm(w, palette, cfg, scale, importance);
   (r.weight.to(at::kDouble) * R).sum().backward();
   return {r.weight.detach(), r.palette, w.grad(), r.iterations};
 }
@@ -36,7 +37,7 @@ Grads run(const at::Tensor& w0, const at::Tensor& palette, const DKMConfig& cfg,
 // centroids dominate the gradient, and any fp32 computation of it (dense included) is only
 // good to ~1e-3 there.
 void expect_methods_agree(const at::Tensor& w, const DKMConfig& base, const std::string& what,
-                          double tol = 1e-4) {
+                          double tol = 1e-4, const at::Tensor& importance = {}) {
   at::Tensor scale = base.per_row_scale ? row_scales(w) : at::Tensor();
   at::Tensor palette = init_palette(w, base, scale);
   at::Tensor R = at::randn(w.sizes(), at::kDouble);
@@ -45,12 +46,12 @@ void expect_methods_agree(const at::Tensor& w, const DKMConfig& base, const std:
   // fp64 rounds to fp32 where fp32 weights are not rounded at all.
   if (dense.cluster_dtype == ClusterDType::kNative && w.scalar_type() == at::kFloat)
     dense.cluster_dtype = ClusterDType::kFloat32;
-  Grads d = run(w.to(at::kDouble), palette, dense, scale, R);
+  Grads d = run(w.to(at::kDouble), palette, dense, scale, R, importance);
   for (DKMMethod m : {DKMMethod::kUnique, DKMMethod::kAuto}) {
     DKMConfig c = base;
     c.method = m;
     SCOPED_TRACE(what + " method=" + to_string(m));
-    Grads u = run(w, palette, c, scale, R);
+    Grads u = run(w, palette, c, scale, R, importance);
     EXPECT_EQ(u.iters, d.iters);
     EXPECT_LE(rel_err(u.out, d.out), tol);
     EXPECT_LE(rel_err(u.palette, d.palette), tol);
@@ -92,6 +93,71 @@ TEST(DKM, UniqueMatchesDenseForVectorsAndBf16Weights) {
   expect_methods_agree((at::randn({64, 64}) * 0.02).to(at::kBFloat16), cfg, "bf16 weight", 0x1p-8);
   cfg.cluster_dtype = ClusterDType::kNative;
   expect_methods_agree(at::randn({16, 40}) * 0.02, cfg, "native fp32");
+}
+
+// Importance-weighted DKM: the unique-value method's hand-written backward (summed importances
+// in place of counts, and f_i times the per-unit palette path) against autograd through the
+// weighted dense formulation, on a heavy-tailed importance with zeros, as a Fisher diagonal is.
+TEST(DKM, ImportanceWeightedUniqueMatchesDense) {
+  at::manual_seed(7);
+  auto fisher = [](at::IntArrayRef shape) {
+    at::Tensor f = at::randn(shape).mul(2).exp();
+    return at::where(at::rand(shape) < 0.1, at::zeros_like(f), f);
+  };
+  for (int bits : {2, 3}) {
+    for (ClusterDType cd : {ClusterDType::kFloat32, ClusterDType::kBFloat16}) {
+      for (int64_t group : {0, 8}) {
+        for (bool scaled : {false, true}) {
+          DKMConfig cfg;
+          cfg.bits = bits;
+          cfg.cluster_dtype = cd;
+          cfg.group_size = group;
+          cfg.per_row_scale = scaled;
+          cfg.tau = scaled ? 1e-2 : 1e-4;
+          at::Tensor w = at::randn({32, 48}) * 0.02;
+          expect_methods_agree(w, cfg, fmt::format("weighted bits={} cd={} group={} scale={}", bits, to_string(cd),
+                                                   group, scaled),
+                               1e-4, fisher(w.sizes()));
+        }
+      }
+    }
+  }
+  DKMConfig vec;
+  vec.bits = 3;
+  vec.cluster_dim = 2;
+  vec.tau = 2e-4;
+  at::Tensor w = at::randn({16, 24}) * 0.02;
+  expect_methods_agree(w, vec, "weighted cluster_dim=2", 1e-4, fisher(w.sizes()));
+}
+
+// The weighted update by hand: with a sharp softmax each weight belongs to its nearest
+// centroid, and a centroid becomes the importance-weighted mean of its weights. Uniform
+// importance (of any size) is unweighted DKM; a group of zero importance weighs equally.
+TEST(DKM, ImportanceWeighsTheCentroidUpdate) {
+  DKMConfig cfg;
+  cfg.bits = 1;
+  cfg.tau = 1e-6;
+  cfg.max_iters = 1;
+  cfg.cluster_dtype = ClusterDType::kFloat32;
+  const at::Tensor w = at::tensor({0.0f, 0.25f, 1.0f, 1.5f}).view({1, 4});
+  const at::Tensor p = at::tensor({0.1f, 1.2f}).view({1, 2, 1});
+  const at::Tensor f = at::tensor({3.0f, 1.0f, 1.0f, 0.0f}).view({1, 4});
+  for (DKMMethod m : {DKMMethod::kDense, DKMMethod::kUnique, DKMMethod::kAuto}) {
+    cfg.method = m;
+    SCOPED_TRACE(to_string(m));
+    at::Tensor c = dkm(w, p, cfg, {}, f).palette.view({2});
+    EXPECT_NEAR(c[0].item<double>(), (3 * 0.0 + 1 * 0.25) / 4, 1e-6);
+    EXPECT_NEAR(c[1].item<double>(), 1.0, 1e-6);
+    const at::Tensor plain = dkm(w, p, cfg).palette;
+    EXPECT_NEAR(plain.view({2})[0].item<double>(), 0.125, 1e-6);
+    EXPECT_LE(rel_err(dkm(w, p, cfg, {}, at::full({1, 4}, 1e-9)).palette, plain), 1e-6);
+    EXPECT_LE(rel_err(dkm(w, p, cfg, {}, at::zeros({1, 4})).palette, plain), 1e-6);
+  }
+  // The hard k-means step of the straight-through baseline weighs the same way.
+  at::Tensor c = lloyd_update(w, p, cfg, {}, f).view({2});
+  EXPECT_NEAR(c[0].item<double>(), 0.0625, 1e-6);
+  EXPECT_NEAR(c[1].item<double>(), 1.0, 1e-6);
+  EXPECT_NEAR(lloyd_update(w, p, cfg).view({2})[1].item<double>(), 1.25, 1e-6);
 }
 
 // The weight matrices of the real stories260K model (llama2.c v0 checkpoint: a 7 x int32
@@ -342,6 +408,15 @@ TEST(DKM, RejectsBadInput) {
   EXPECT_THROW(dkm(w, p, scaled), std::invalid_argument);
   EXPECT_THROW(dkm(w, p, scaled, at::zeros({8})), std::invalid_argument);
   EXPECT_THROW(parse_cluster_dtype("int8"), std::invalid_argument);
+  // An importance of the wrong shape, negative, or not finite; and with eDKM's method.
+  for (at::Tensor f : {at::ones({8, 4}), -at::ones({8, 8}), at::full({8, 8}, NAN)}) {
+    EXPECT_THROW(dkm(w, p, cfg, {}, f), std::invalid_argument);
+    EXPECT_THROW(init_palette(w, cfg, {}, {}, f), std::invalid_argument);
+    EXPECT_THROW(lloyd_update(w, p, cfg, {}, f), std::invalid_argument);
+  }
+  DKMConfig stored = cfg;
+  stored.method = DKMMethod::kEDKM;
+  EXPECT_THROW(dkm(w, p, stored, {}, at::ones({8, 8})), std::invalid_argument);
 }
 
 // `edkm bench dkm --json` end to end on a shrunken layer: every method's row, in both weight

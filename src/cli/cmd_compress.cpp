@@ -90,6 +90,9 @@ void register_compress(CLI::App& app) {
   cmd->add_option("--sensitive-init", o->sensitive_init,
                   "Calibration text: start from sensitivity-weighted k-means palettes (Fisher information on its "
                   "first --calib-samples windows of --calib-seq-len tokens) instead of plain k-means");
+  cmd->add_flag("--sensitive-updates,!--no-sensitive-updates", o->sensitive_updates,
+                "With --sensitive-init (not QAT): weigh DKM's and hard k-means' centroid updates at every step by "
+                "the same Fisher information (default), or not (--no-sensitive-updates: unweighted, as coremltools)");
   cmd->add_option("--calib-samples", o->calib_samples, "Calibration windows (default 128)")->check(CLI::PositiveNumber);
   cmd->add_option("--calib-seq-len", o->calib_seq_len, "Tokens per calibration window (default 512)")
       ->check(CLI::Range(int64_t(2), int64_t(1) << 20));

@@ -122,8 +122,17 @@ struct DKMResult {
 // palette (it receives no gradient); `scale` is row_scales() of the pretrained weight when
 // cfg.per_row_scale is on. Throws std::invalid_argument for an empty weight, NaN/Inf values,
 // values that overflow the cluster dtype, or shapes that do not fit the config.
+//
+// `importance` (weight-shaped, >= 0, optional; no gradient) weighs each weight in the centroid
+// updates and the inertia, as init_palette's does in the first palette:
+//     c_j' = sum_i f_i A_ij x_i / sum_i f_i A_ij ,   inertia = sum_i f_i min_j D_ij
+// (a vector weighs the sum over its components; f is rescaled to mean 1 per group, so tau and
+// eps keep their units). Sensitivity-weighted k-means palettes (SqueezeLLM) otherwise drift
+// back towards the unweighted optimum at every step. In unique-value space the multiplicities
+// n_u become the summed importances F_u, and a weight's gradient through the palettes is f_i
+// times the per-unit term. Not with method kEDKM.
 DKMResult dkm(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
-              const at::Tensor& scale = {});
+              const at::Tensor& scale = {}, const at::Tensor& importance = {});
 
 // Hard assignment: the nearest centroid of each (scaled, rounded) weight or vector.
 struct Palettized {

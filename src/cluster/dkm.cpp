@@ -18,6 +18,12 @@ struct IndexedState : torch::CustomClassHolder {
   std::unique_ptr<ValueIndex> index;
   UniqueSpaceState state;
   SoftKMeans params;
+  // Importance-weighted DKM: the caller's importance (a reference, not a copy, so that nothing
+  // N-sized is saved) and the summed importance of each value [G, U] in place of its count.
+  at::Tensor importance;
+  at::Tensor weights;
+  GroupLayout layout;
+  at::Tensor scale;
   // The dtype of the unique-value-space arithmetic. With a sharp softmax (tau = 1e-4 on raw
   // weights) a few weights near the midpoints between centroids dominate the gradient, and fp32
   // sums leave it 1e-4..1e-3 from the exact value; over U << N values fp64 costs nothing and
@@ -44,7 +50,7 @@ struct IndexedDKMFunction : torch::autograd::Function<IndexedDKMFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    ctx->get_saved_variables();  // version check of the weight
+    const at::Tensor weight = ctx->get_saved_variables()[0];  // with the version check
     c10::intrusive_ptr<torch::CustomClassHolder> capsule = ctx->saved_data["state"].toCapsule();
     auto* st = static_cast<IndexedState*>(capsule.get());
     const ValueIndex& index = *st->index;
@@ -53,10 +59,21 @@ struct IndexedDKMFunction : torch::autograd::Function<IndexedDKMFunction> {
     UniqueSpaceGrad ug = uspace_backward(index.values().to(st->dtype), counts(*st), st->state, g,
                                          st->params);
     const auto cdt = index.values().scalar_type();
-    return {index.input_grad(grad, ug.jac.to(cdt), ug.h.to(cdt)), at::Tensor(), at::Tensor()};
+    if (!st->importance.defined()) return {index.input_grad(grad, ug.jac.to(cdt), ug.h.to(cdt)), at::Tensor(), at::Tensor()};
+    // A weight of value u enters S and M with its own importance f_i, so its palette path is
+    // f_i times the per-unit term h_u that uspace_backward computes from the summed weights:
+    // f_i h_u / s_r = (f_i / s_r^2) emit(h)_i.
+    at::Tensor direct = index.input_grad(grad, ug.jac.to(cdt), at::zeros_like(ug.h, cdt));
+    const GroupLayout& l = st->layout;
+    at::Tensor f = vector_importance(st->importance, l, weight).unsqueeze(-1).expand({l.groups, l.vectors, l.dim});
+    f = f.reshape({l.rows, l.cols});
+    if (st->scale.defined()) f = f / st->scale.square().unsqueeze(1);
+    at::Tensor path = f * index.emit(ug.h.to(cdt)).reshape({l.rows, l.cols});
+    return {direct + path.to(direct.scalar_type()).view(direct.sizes()), at::Tensor(), at::Tensor()};
   }
 
   static at::Tensor counts(const IndexedState& st) {
+    if (st.weights.defined()) return st.weights.to(st.dtype);
     const at::Tensor& n = st.index->counts();
     return n.defined() ? n.to(st.dtype) : n;
   }
@@ -65,7 +82,8 @@ struct IndexedDKMFunction : torch::autograd::Function<IndexedDKMFunction> {
 }  // namespace
 
 DKMResult dkm_indexed(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
-                      const at::Tensor& scale, const GroupLayout& layout, IndexKind kind) {
+                      const at::Tensor& scale, const GroupLayout& layout, IndexKind kind,
+                      const at::Tensor& importance) {
   auto st = c10::make_intrusive<IndexedState>();
   st->params = SoftKMeans::from(cfg);
   // MPS has no fp64.
@@ -75,6 +93,12 @@ DKMResult dkm_indexed(const at::Tensor& weight, const at::Tensor& palette, const
     case IndexKind::kPattern: st->index = make_pattern_index(weight, layout, cfg, scale); break;
     case IndexKind::kSorted: st->index = make_sorted_index(weight, layout, cfg, scale); break;
     case IndexKind::kIdentity: st->index = make_identity_index(weight, layout, cfg, scale); break;
+  }
+  if (importance.defined()) {
+    st->importance = importance;
+    st->layout = layout;
+    st->scale = scale;
+    st->weights = value_weights(*st->index, vector_importance(importance, layout, weight), layout, scale, weight);
   }
   DKMResult r;
   r.method = kind == IndexKind::kIdentity ? DKMMethod::kAuto : DKMMethod::kUnique;
@@ -90,19 +114,23 @@ DKMResult dkm_indexed(const at::Tensor& weight, const at::Tensor& palette, const
 }  // namespace detail
 
 DKMResult dkm(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
-              const at::Tensor& scale) {
+              const at::Tensor& scale, const at::Tensor& importance) {
   using namespace detail;
   const GroupLayout layout = GroupLayout::of(weight, cfg);
   at::Tensor s = checked_scale(scale, layout, cfg, weight);
   at::Tensor c0 = repair_collapsed(checked_palette(palette, layout, cfg, weight));
+  at::Tensor f = importance.defined() ? checked_importance(importance, weight) : at::Tensor();
   const bool pattern = is_16bit(rounding_dtype(weight, cfg.cluster_dtype)) && layout.dim == 1;
   switch (cfg.method) {
-    case DKMMethod::kDense: return dkm_dense(weight, c0, cfg, s, layout);
+    case DKMMethod::kDense:
+      return dkm_dense(weight, c0, cfg, s, layout, f.defined() ? vector_importance(f, layout, weight) : f);
     case DKMMethod::kUnique:
-      return dkm_indexed(weight, c0, cfg, s, layout, pattern ? IndexKind::kPattern : IndexKind::kSorted);
+      return dkm_indexed(weight, c0, cfg, s, layout, pattern ? IndexKind::kPattern : IndexKind::kSorted, f);
     case DKMMethod::kAuto:
-      return dkm_indexed(weight, c0, cfg, s, layout, pattern ? IndexKind::kPattern : IndexKind::kIdentity);
-    case DKMMethod::kEDKM: return dkm_stored(weight, c0, cfg, s, layout, nullptr, nullptr);
+      return dkm_indexed(weight, c0, cfg, s, layout, pattern ? IndexKind::kPattern : IndexKind::kIdentity, f);
+    case DKMMethod::kEDKM:
+      if (f.defined()) throw_invalid("importance-weighted DKM runs with the dense, unique and auto methods, not edkm");
+      return dkm_stored(weight, c0, cfg, s, layout, nullptr, nullptr);
   }
   throw_invalid("unknown DKM method");
 }

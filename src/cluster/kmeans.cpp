@@ -291,18 +291,9 @@ at::Tensor init_palette(const at::Tensor& weight, const DKMConfig& cfg, const at
   const bool pattern = is_16bit(rounding_dtype(weight, cfg.cluster_dtype)) && layout.dim == 1;
   auto index = pattern ? make_pattern_index(weight, layout, cfg, s) : make_sorted_index(weight, layout, cfg, s);
   at::Tensor counts = index->counts();
-  if (importance.defined()) {
-    if (!importance.sizes().equals(weight.sizes()))
-      throw_invalid("importance must have the weight's shape {}, got {}", c10::str(weight.sizes()),
-                    c10::str(importance.sizes()));
-    check_finite(importance, "importance");
-    if (importance.lt(0).any().item<bool>()) throw_invalid("importance must be >= 0");
-    // aggregate() sums s_r * f_i per distinct value; dividing by s_r first leaves sum f_i. A
-    // vector weighs the sum over its components.
-    at::Tensor f = importance.detach().to(at::kFloat).reshape({layout.rows, layout.cols});
-    if (s.defined()) f = f / s.unsqueeze(1);
-    counts = index->aggregate(f).sum(-1);
-  }
+  if (importance.defined())
+    counts = value_weights(*index, vector_importance(checked_importance(importance, weight), layout, weight),
+                           layout, s, weight);
   std::vector<at::Tensor> palettes;
   for (int64_t g = 0; g < layout.groups; ++g) {
     palettes.push_back(weighted_kmeans(index->values()[g], counts[g], cfg.k(), cfg.init,

@@ -77,6 +77,23 @@ at::Tensor checked_scale(const at::Tensor& scale, const GroupLayout& layout, con
   return s;
 }
 
+at::Tensor checked_importance(const at::Tensor& importance, const at::Tensor& weight) {
+  if (!importance.sizes().equals(weight.sizes()))
+    throw_invalid("importance must have the weight's shape {}, got {}", c10::str(weight.sizes()),
+                  c10::str(importance.sizes()));
+  if (!at::isFloatingType(importance.scalar_type())) throw_invalid("importance must be floating-point");
+  at::Tensor f = importance.detach().to(weight.device());
+  check_finite(f, "importance");
+  if (f.lt(0).any().item<bool>()) throw_invalid("importance must be >= 0");
+  return f;
+}
+
+at::Tensor vector_importance(const at::Tensor& importance, const GroupLayout& layout, const at::Tensor& weight) {
+  at::Tensor f = importance.to(compute_dtype(weight)).reshape({layout.groups, layout.vectors, layout.dim}).sum(-1);
+  at::Tensor total = f.sum(1, /*keepdim=*/true);
+  return at::where(total > 0, f * (double(layout.vectors) / total), at::ones_like(f));
+}
+
 at::Tensor checked_palette(const at::Tensor& palette, const GroupLayout& layout,
                            const DKMConfig& cfg, const at::Tensor& weight) {
   if (!palette.defined()) throw_invalid("palette is undefined (see init_palette)");

@@ -42,6 +42,16 @@ at::Tensor prepare(const at::Tensor& weight, const GroupLayout& layout, const DK
 at::Tensor restore(const at::Tensor& y, const GroupLayout& layout, const at::Tensor& scale,
                    const at::Tensor& like);
 
+// Checks an importance for `weight` (same shape, floating, finite, >= 0) and returns it detached
+// on the weight's device; std::invalid_argument naming the problem otherwise.
+at::Tensor checked_importance(const at::Tensor& importance, const at::Tensor& weight);
+// The importance of each vector ([G, vectors] in the compute dtype): the sum of a checked
+// importance over the vector's components, rescaled per group to mean 1. Weighted centroids
+// depend only on ratios within a group; the rescaling keeps the weighted inertia, and so eps, in
+// the units of the unweighted algorithm. A group whose importances are all 0 weighs its vectors
+// equally.
+at::Tensor vector_importance(const at::Tensor& importance, const GroupLayout& layout, const at::Tensor& weight);
+
 // Throws std::invalid_argument if the tensor holds NaN or Inf (checked in bounded chunks).
 void check_finite(const at::Tensor& t, const char* what);
 

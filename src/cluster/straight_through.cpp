@@ -24,7 +24,7 @@ at::Tensor scale_grad(const at::Tensor& x, double g) { return (x - x * g).detach
 }  // namespace
 
 at::Tensor lloyd_update(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
-                        const at::Tensor& scale) {
+                        const at::Tensor& scale, const at::Tensor& importance) {
   using namespace detail;
   at::NoGradGuard no_grad;
   const GroupLayout layout = GroupLayout::of(weight, cfg);
@@ -37,11 +37,14 @@ at::Tensor lloyd_update(const at::Tensor& weight, const at::Tensor& palette, con
   at::Tensor slot = p.indices.to(at::kLong).view({layout.groups, layout.vectors}) +
                     at::arange(layout.groups, x.options().dtype(at::kLong)).unsqueeze(1) * k;
   slot = slot.view({-1});
+  at::Tensor f = importance.defined()
+                     ? vector_importance(checked_importance(importance, weight), layout, weight).reshape({-1}).to(at::kDouble)
+                     : at::ones({slot.size(0)}, x.options().dtype(at::kDouble));
   at::Tensor sums = at::zeros({layout.groups * k, layout.dim}, x.options().dtype(at::kDouble));
-  sums.index_add_(0, slot, x.to(at::kDouble));
+  sums.index_add_(0, slot, x.to(at::kDouble) * f.unsqueeze(1));
   at::Tensor counts = at::zeros({layout.groups * k}, x.options().dtype(at::kDouble));
-  counts.index_add_(0, slot, at::ones({slot.size(0)}, counts.options()));
-  at::Tensor means = (sums / counts.clamp_min(1).unsqueeze(1)).to(at::kFloat);
+  counts.index_add_(0, slot, f);
+  at::Tensor means = (sums / at::where(counts > 0, counts, at::ones_like(counts)).unsqueeze(1)).to(at::kFloat);
   at::Tensor flat = C.reshape({-1, layout.dim});
   return at::where(counts.unsqueeze(1) > 0, means, flat).view(C.sizes());
 }

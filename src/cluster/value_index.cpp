@@ -24,6 +24,16 @@ at::Tensor combine_grad(const at::Tensor& jac, const at::Tensor& grad, const at:
   return direct + palette_path;
 }
 
+at::Tensor value_weights(const ValueIndex& index, const at::Tensor& fv, const GroupLayout& layout,
+                         const at::Tensor& scale, const at::Tensor& weight) {
+  // aggregate() sums s_r t_i over the weights of each value, component by component: with
+  // t_i = fv / (d s_r) on each of a vector's d components, the sum over components is sum fv.
+  at::Tensor t = (fv / double(layout.dim)).unsqueeze(-1).expand({layout.groups, layout.vectors, layout.dim});
+  t = t.reshape({layout.rows, layout.cols});
+  if (scale.defined()) t = t / scale.unsqueeze(1);
+  return index.aggregate(t.to(weight.scalar_type()).view(weight.sizes())).sum(-1);
+}
+
 void throw_nonfinite(const at::Tensor& weight, at::ScalarType rounding) {
   check_finite(weight, "weight");
   throw_invalid("weight values overflow the cluster dtype {} after scaling (largest finite {})",

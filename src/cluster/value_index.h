@@ -45,6 +45,12 @@ class ValueIndex {
   at::Tensor counts_;
 };
 
+// The summed importance of each distinct value [G, U] (fp64 for the distinct-value indices; 0
+// for padding), from per-vector importances fv [G, vectors] (vector_importance()). It replaces
+// the multiplicities in importance-weighted k-means.
+at::Tensor value_weights(const ValueIndex& index, const at::Tensor& fv, const GroupLayout& layout,
+                         const at::Tensor& scale, const at::Tensor& weight);
+
 // All builders take the weight (any floating dtype), its layout, the config, and the checked
 // fp32 scale (or undefined). The index keeps a reference to the weight, not a copy.
 std::unique_ptr<ValueIndex> make_pattern_index(const at::Tensor& weight, const GroupLayout& layout,

@@ -40,7 +40,8 @@ CompressReport run_compress(LoadedModel& m, const CompressOptions& o) {
       fisher = fisher_diagonal(model, calibration_windows(o.sensitive_init, *m.tokenizer, o.calib_samples, o.calib_seq_len),
                                names, o.train.checkpoint_layers);
     }
-    clustering = Clustering(model, chosen, o.method, fisher.empty() ? nullptr : &fisher);
+    clustering = Clustering(model, chosen, o.method, fisher.empty() ? nullptr : &fisher,
+                            !fisher.empty() && o.sensitive_updates);
     r.clustered = static_cast<int64_t>(clustering.weights().size());
     WeightOverrides ptq = clustering.hard(model);
     r.val_start = evaluate(model, &ptq, data.val, o.train.eval_batch, pad);

@@ -41,6 +41,9 @@ struct CompressOptions {
   // weighed by its Fisher information on the text's first calib_samples windows of
   // calib_seq_len tokens, as quantize --method sensitive-kmeans) instead of plain k-means.
   std::string sensitive_init;
+  // With sensitive_init, DKM's (and hard k-means') centroid updates keep weighing each weight
+  // by its Fisher information (dkm()'s importance); false: unweighted updates, as coremltools.
+  bool sensitive_updates = true;
   int64_t calib_samples = 128, calib_seq_len = 512;
 };
 

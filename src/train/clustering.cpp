@@ -99,12 +99,15 @@ TrainMethod parse_train_method(const std::string& s) {
 }
 
 Clustering::Clustering(const Llama& model, const std::vector<std::pair<std::string, DKMConfig>>& plan,
-                       TrainMethod method, const std::map<std::string, at::Tensor>* importance)
-    : method_(method) {
+                       TrainMethod method, const std::map<std::string, at::Tensor>* importance,
+                       bool weighted_updates)
+    : method_(method), weighted_updates_(weighted_updates) {
+  if (weighted_updates && (!importance || method == TrainMethod::kQAT))
+    throw_invalid("weighted centroid updates need an importance and a palette method (dkm or hard-kmeans)");
   at::NoGradGuard no_grad;
   for (const auto& [name, cfg] : plan) {
     const at::Tensor& w = model.weight(name);
-    ClusteredWeight cw{name, cfg, {}, {}, {}};
+    ClusteredWeight cw{name, cfg, {}, {}, {}, {}};
     try {
       if (method == TrainMethod::kQAT) {
         if (cfg.cluster_dim != 1) throw_invalid("QAT quantizes scalars (cluster_dim 1), got cluster_dim {}", cfg.cluster_dim);
@@ -124,6 +127,7 @@ Clustering::Clustering(const Llama& model, const std::vector<std::pair<std::stri
         f = it->second;
       }
       cw.palette = init_palette(w, cfg, cw.scale, {}, f);
+      if (weighted_updates) cw.importance = f;
     } catch (const std::invalid_argument& e) {
       throw_input("{}: {}", name, e.what());
     }
@@ -150,13 +154,13 @@ WeightOverrides Clustering::soft(const Llama& model, bool advance) {
     const at::Tensor& w = model.weight(cw.name);
     switch (method_) {
       case TrainMethod::kDKM: {
-        DKMResult r = dkm(w, cw.palette, cw.cfg, cw.scale);
+        DKMResult r = dkm(w, cw.palette, cw.cfg, cw.scale, cw.importance);
         out[cw.name] = r.weight;
         if (advance) cw.palette = r.palette;
         break;
       }
       case TrainMethod::kHardKMeans:
-        if (advance) cw.palette = lloyd_update(w, cw.palette, cw.cfg, cw.scale);
+        if (advance) cw.palette = lloyd_update(w, cw.palette, cw.cfg, cw.scale, cw.importance);
         out[cw.name] = hard_assign(w, cw.palette, cw.cfg, cw.scale);
         break;
       case TrainMethod::kQAT:

@@ -64,6 +64,7 @@ struct ClusteredWeight {
   at::Tensor palette;  // [G, k, d], carried from step to step (QAT: derived from grid)
   at::Tensor scale;    // [rows] or undefined
   LearnedGrid grid;    // QAT only: the trainable scale and zero point per row
+  at::Tensor importance;  // weight-shaped, weighing the centroid updates; or undefined
 };
 
 class Clustering {
@@ -71,11 +72,14 @@ class Clustering {
   Clustering() = default;
   // Per-row scales and initial palettes from the (pretrained) weights; with `importance`
   // (weight-shaped, by name; e.g. fisher_diagonal()), the palettes minimise the importance-
-  // weighted squared error (init_palette).
+  // weighted squared error (init_palette), and with weighted_updates DKM's and hard k-means'
+  // centroid updates go on weighing by it at every step (dkm(), lloyd_update()).
   Clustering(const Llama& model, const std::vector<std::pair<std::string, DKMConfig>>& plan,
-             TrainMethod method = TrainMethod::kDKM, const std::map<std::string, at::Tensor>* importance = nullptr);
+             TrainMethod method = TrainMethod::kDKM, const std::map<std::string, at::Tensor>* importance = nullptr,
+             bool weighted_updates = false);
 
   TrainMethod method() const { return method_; }
+  bool weighted_updates() const { return weighted_updates_; }
   // Tensors the optimizer trains besides the model's weights (QAT's scales and zero points).
   std::vector<at::Tensor> trainable() const;
 
@@ -98,6 +102,7 @@ class Clustering {
  private:
   std::vector<ClusteredWeight> weights_;
   TrainMethod method_ = TrainMethod::kDKM;
+  bool weighted_updates_ = false;
 };
 
 }  // namespace edkm

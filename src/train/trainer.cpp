@@ -87,6 +87,7 @@ nlohmann::json fingerprint(const TrainOptions& o, const Dataset& data, const Clu
                        {"clustered", clustered}};
   if (o.teacher) fp["distill"] = {{"temperature", o.distill_temperature}, {"alpha", o.distill_alpha}};
   if (c && c->method() != TrainMethod::kDKM) fp["method"] = to_string(c->method());
+  if (c && c->weighted_updates()) fp["weighted_updates"] = true;
   if (o.autocast != at::ScalarType::Undefined) fp["autocast"] = c10::toString(o.autocast);
   return fp;
 }
