@@ -21,8 +21,11 @@ Methods (--methods):
   dkm-distill    the same with --distill (KL to the frozen bf16 teacher)
   hard-kmeans    the same fine-tuning with hard nearest-centroid assignment (straight-through)
   qat            the same fine-tuning with a uniform grid per row, learned scale and zero point
+  dkm-unweighted, hard-kmeans-unweighted
+                 dkm and hard-kmeans with unweighted centroid updates (--no-sensitive-updates)
 The palette methods share one palette layout (--palette-args); DKM and hard k-means start from
-the skm palettes (exact k-means weighted by the Fisher information on the calibration text).
+the skm palettes (exact k-means weighted by the Fisher information on the calibration text),
+and weigh their centroid updates by the same Fisher information unless -unweighted.
 """
 import argparse
 import json
@@ -112,12 +115,15 @@ def compress_model(method, bits, name):
                       "--steps", str(steps), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                       "--lr", str(args.lr), "--warmup", str(max(1, steps // 10)), "--val-fraction", "0.02",
                       "--palette-init", "optimal", "--overwrite", *args.palette_args.split(), *args.train_args.split()]
-        cmd += ["--method", {"dkm": "dkm", "dkm-distill": "dkm", "hard-kmeans": "hard-kmeans", "qat": "qat"}[method]]
+        cmd += ["--method", {"dkm": "dkm", "dkm-distill": "dkm", "hard-kmeans": "hard-kmeans", "qat": "qat",
+                             "dkm-unweighted": "dkm", "hard-kmeans-unweighted": "hard-kmeans"}[method]]
         if method != "qat":  # start from the sensitivity-weighted palettes (the skm baseline)
             cmd += ["--sensitive-init", calib, "--calib-samples", str(args.calib_samples),
                     "--calib-seq-len", str(args.calib_seq_len)]
         if method == "dkm-distill":
             cmd += ["--distill"]
+        if method.endswith("-unweighted"):
+            cmd += ["--no-sensitive-updates"]
         r = run(cmd, log)
         how = {"seconds": r["seconds"], "peak_rss_mb": r["peak_rss_bytes"] / 2**20,
                "bits_per_weight": r["size"]["clustered_bits_per_weight"], "calib_tokens": 0,

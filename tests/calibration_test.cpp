@@ -213,6 +213,18 @@ TEST(QuantizeCli, CalibratedMethodsRunAndGptqBeatsRtn) {
   EXPECT_NE(r.err.find("GPTQ"), std::string::npos) << r.err;
 }
 
+// One compress step on TinyStories (sequences of 64 tokens, 2% held out) from stories260K.
+CompressOptions tiny_run(const test::TempDir& tmp, const std::string& out) {
+  CompressOptions o;
+  o.data_path = test::asset(kTinyStories);
+  o.out = tmp / out;
+  o.data.seq_len = 64;
+  o.data.val_fraction = 0.02;
+  o.train.steps = 1;
+  o.train.quiet = true;
+  return o;
+}
+
 // compress --sensitive-init starts from the palettes quantize --method sensitive-kmeans writes:
 // the held-out loss of its starting point is that file's.
 TEST(SensitiveKMeans, CompressStartsFromTheQuantizedPalettes) {
@@ -226,13 +238,7 @@ TEST(SensitiveKMeans, CompressStartsFromTheQuantizedPalettes) {
   q.calib_seq_len = 64;
   quantize(a, q);
 
-  CompressOptions o;
-  o.data_path = test::asset(kTinyStories);
-  o.out = tmp / "dkm.edkm";
-  o.data.seq_len = 64;
-  o.data.val_fraction = 0.02;
-  o.train.steps = 1;
-  o.train.quiet = true;
+  CompressOptions o = tiny_run(tmp, "dkm.edkm");
   o.sensitive_init = q.calib;
   o.calib_samples = 8;
   o.calib_seq_len = 64;
@@ -255,14 +261,8 @@ TEST(SensitiveKMeans, CompressStartsFromTheQuantizedPalettes) {
 TEST(SensitiveKMeans, WeightedUpdatesKeepTheStart) {
   test::TempDir tmp;
   auto run = [&](bool weighted, const std::string& out) {
-    CompressOptions o;
-    o.data_path = test::asset(kTinyStories);
-    o.out = tmp / out;
-    o.data.seq_len = 64;
-    o.data.val_fraction = 0.02;
-    o.train.steps = 1;
+    CompressOptions o = tiny_run(tmp, out);
     o.train.lr = 1e-9;
-    o.train.quiet = true;
     o.plan.defaults.bits = 2;
     o.sensitive_init = test::asset(kC4);
     o.sensitive_updates = weighted;
@@ -278,14 +278,9 @@ TEST(SensitiveKMeans, WeightedUpdatesKeepTheStart) {
 }
 
 CompressOptions distill_run(const test::TempDir& tmp, const std::string& out) {
-  CompressOptions o;
-  o.data_path = test::asset(kTinyStories);
-  o.out = tmp / out;
-  o.data.seq_len = 64;
-  o.data.val_fraction = 0.02;
+  CompressOptions o = tiny_run(tmp, out);
   o.train.steps = 4;
   o.train.batch = 4;
-  o.train.quiet = true;
   o.distill = true;
   o.teacher_dtype = at::kFloat;
   return o;

@@ -59,10 +59,17 @@ void expect_methods_agree(const at::Tensor& w, const DKMConfig& base, const std:
   }
 }
 
-TEST(DKM, UniqueMatchesDenseOnRandomTensors) {
-  at::manual_seed(1);
-  for (int bits : {2, 3, 4}) {
-    for (ClusterDType cd : {ClusterDType::kFloat32, ClusterDType::kBFloat16, ClusterDType::kFloat16}) {
+// A heavy-tailed importance with zeros, as a Fisher diagonal is.
+at::Tensor fisher_like(at::IntArrayRef shape) {
+  at::Tensor f = at::randn(shape).mul(2).exp();
+  return at::where(at::rand(shape) < 0.1, at::zeros_like(f), f);
+}
+
+// Every combination of bits, cluster dtype, grouping and scaling on a random 32 x 48 weight;
+// with `weighted`, each under its own fisher_like() importance.
+void agree_on_random_tensors(std::vector<int> bits_list, std::vector<ClusterDType> dtypes, bool weighted) {
+  for (int bits : bits_list) {
+    for (ClusterDType cd : dtypes) {
       for (int64_t group : {0, 8}) {
         for (bool scaled : {false, true}) {
           DKMConfig cfg;
@@ -73,12 +80,18 @@ TEST(DKM, UniqueMatchesDenseOnRandomTensors) {
           // Per-row scaling brings weights to about [-1, 1], where tau must be larger.
           cfg.tau = scaled ? 1e-2 : 1e-4;
           at::Tensor w = at::randn({32, 48}) * 0.02;
-          expect_methods_agree(w, cfg, fmt::format("bits={} cd={} group={} scale={}", bits,
-                                                   to_string(cd), group, scaled));
+          expect_methods_agree(w, cfg, fmt::format("bits={} cd={} group={} scale={} weighted={}", bits,
+                                                   to_string(cd), group, scaled, weighted),
+                               1e-4, weighted ? fisher_like(w.sizes()) : at::Tensor());
         }
       }
     }
   }
+}
+
+TEST(DKM, UniqueMatchesDenseOnRandomTensors) {
+  at::manual_seed(1);
+  agree_on_random_tensors({2, 3, 4}, {ClusterDType::kFloat32, ClusterDType::kBFloat16, ClusterDType::kFloat16}, false);
 }
 
 TEST(DKM, UniqueMatchesDenseForVectorsAndBf16Weights) {
@@ -97,37 +110,16 @@ TEST(DKM, UniqueMatchesDenseForVectorsAndBf16Weights) {
 
 // Importance-weighted DKM: the unique-value method's hand-written backward (summed importances
 // in place of counts, and f_i times the per-unit palette path) against autograd through the
-// weighted dense formulation, on a heavy-tailed importance with zeros, as a Fisher diagonal is.
+// weighted dense formulation.
 TEST(DKM, ImportanceWeightedUniqueMatchesDense) {
   at::manual_seed(7);
-  auto fisher = [](at::IntArrayRef shape) {
-    at::Tensor f = at::randn(shape).mul(2).exp();
-    return at::where(at::rand(shape) < 0.1, at::zeros_like(f), f);
-  };
-  for (int bits : {2, 3}) {
-    for (ClusterDType cd : {ClusterDType::kFloat32, ClusterDType::kBFloat16}) {
-      for (int64_t group : {0, 8}) {
-        for (bool scaled : {false, true}) {
-          DKMConfig cfg;
-          cfg.bits = bits;
-          cfg.cluster_dtype = cd;
-          cfg.group_size = group;
-          cfg.per_row_scale = scaled;
-          cfg.tau = scaled ? 1e-2 : 1e-4;
-          at::Tensor w = at::randn({32, 48}) * 0.02;
-          expect_methods_agree(w, cfg, fmt::format("weighted bits={} cd={} group={} scale={}", bits, to_string(cd),
-                                                   group, scaled),
-                               1e-4, fisher(w.sizes()));
-        }
-      }
-    }
-  }
+  agree_on_random_tensors({2, 3}, {ClusterDType::kFloat32, ClusterDType::kBFloat16}, true);
   DKMConfig vec;
   vec.bits = 3;
   vec.cluster_dim = 2;
   vec.tau = 2e-4;
   at::Tensor w = at::randn({16, 24}) * 0.02;
-  expect_methods_agree(w, vec, "weighted cluster_dim=2", 1e-4, fisher(w.sizes()));
+  expect_methods_agree(w, vec, "weighted cluster_dim=2", 1e-4, fisher_like(w.sizes()));
 }
 
 // The weighted update by hand: with a sharp softmax each weight belongs to its nearest
