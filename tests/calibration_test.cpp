@@ -277,6 +277,31 @@ TEST(SensitiveKMeans, WeightedUpdatesKeepTheStart) {
       << "start " << w.val_start << ", weighted " << w.val_exported << ", unweighted " << u.val_exported;
 }
 
+// The weighting is part of a run's trajectory: a checkpoint of a weighted run does not resume
+// unweighted.
+TEST(SensitiveKMeans, ResumeKeepsTheWeighting) {
+  test::TempDir tmp;
+  CompressOptions o = tiny_run(tmp, "w.edkm");
+  o.train.steps = 2;
+  o.train.checkpoint_path = tmp / "w.ckpt";
+  o.sensitive_init = test::asset(kC4);
+  o.calib_samples = 4;
+  o.calib_seq_len = 64;
+  o.train.should_stop = [] { return true; };
+  LoadedModel a = load_model(test::asset(kStories));
+  ASSERT_TRUE(compress(a, o).train.interrupted);
+  o.train.should_stop = nullptr;
+  o.train.resume = true;
+  o.sensitive_updates = false;
+  LoadedModel b = load_model(test::asset(kStories));
+  try {
+    compress(b, o);
+    ADD_FAILURE() << "resumed a weighted run unweighted";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("weighted_updates"), std::string::npos) << e.what();
+  }
+}
+
 CompressOptions distill_run(const test::TempDir& tmp, const std::string& out) {
   CompressOptions o = tiny_run(tmp, out);
   o.train.steps = 4;
