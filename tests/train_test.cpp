@@ -307,7 +307,7 @@ TEST(Compress, BadInputIsReportedAndWritesNothing) {
   expect_fails("-d " + text + " --device cpu --autocast bf16", "--autocast bf16 needs a GPU");
 }
 
-TEST(BenchStep, ReportsTheStepWithAndWithoutDkm) {
+TEST(BenchStep, ReportsTheStepWithDkmWithoutAndWithTheBaselines) {
   // A tiny LLaMA-shaped model on the CPU: the GPU run (scripts/gpu-check.sh) uses 8 of
   // LLaMA-7B's layers. DKM keeps a soft copy of every projection and its gradient: more memory.
   test::TempDir tmp;
@@ -315,16 +315,21 @@ TEST(BenchStep, ReportsTheStepWithAndWithoutDkm) {
       "bench step -t 1 --json --layers 2 --dim 64 --hidden 160 --heads 4 --vocab 256 --seq-len 32 --steps 1", tmp);
   ASSERT_EQ(code, 0) << err;
   const nlohmann::json j = nlohmann::json::parse(out);
-  ASSERT_EQ(j["rows"].size(), 2u);
+  ASSERT_EQ(j["rows"].size(), 4u);
   EXPECT_EQ(j["rows"][0]["mode"], "fine-tune");
   EXPECT_EQ(j["rows"][1]["mode"], "DKM 3-bit");
+  EXPECT_EQ(j["rows"][2]["mode"], "hard k-means 3-bit");
+  EXPECT_EQ(j["rows"][3]["mode"], "QAT 3-bit");
   // 2 layers x (4 x 64^2 + 3 x 64 x 160) + 2 x 256 x 64 + norms.
   EXPECT_EQ(j["parameters"].get<int64_t>(), 2 * (4 * 64 * 64 + 3 * 64 * 160 + 2 * 64) + 2 * 256 * 64 + 64);
   const double fp32_params = 4.0 * j["parameters"].get<double>();
   // Weights, gradients and AdamW's two moments at least.
   EXPECT_GT(j["rows"][0]["peak_tensor_bytes"].get<double>(), 4 * fp32_params);
   EXPECT_GT(j["dkm_over_finetune_memory"].get<double>(), 1.0);
-  EXPECT_GT(j["rows"][1]["seconds_per_step"].get<double>(), 0.0);
+  EXPECT_DOUBLE_EQ(j["rows"][1]["memory_over_finetune"].get<double>(), j["dkm_over_finetune_memory"].get<double>());
+  for (int i = 1; i < 4; ++i) EXPECT_GT(j["rows"][i]["seconds_per_step"].get<double>(), 0.0) << i;
+  // QAT's learned scale and zero point are two more rows per weight matrix, with AdamW state.
+  EXPECT_GT(j["rows"][3]["peak_tensor_bytes"].get<double>(), j["rows"][0]["peak_tensor_bytes"].get<double>());
 }
 
 }  // namespace

@@ -129,7 +129,8 @@ nlohmann::json to_json(const CompressBenchResult& r);
 
 // `edkm bench step`: one fine-tuning step of a LLaMA-7B-shaped model with random weights (fp32
 // master weights, AdamW, gradient checkpointing; bf16 autocast on a GPU) with DKM on every
-// projection, beside the same step without DKM: peak tensor memory and step time.
+// projection, beside the same step without DKM and with the train-time baselines (hard k-means,
+// QAT) in its place: peak tensor memory and step time.
 struct StepBenchOptions {
   // LLaMA-7B: dim 4096, SwiGLU 11008, 32 heads, vocabulary 32000, 32 layers (fewer fit a
   // smaller memory: the per-layer cost is the same).
@@ -140,14 +141,14 @@ struct StepBenchOptions {
   at::Device device = at::kCPU;
 };
 struct StepBenchRow {
-  std::string mode;               // "fine-tune" or "DKM b-bit"
+  std::string mode;               // "fine-tune", "DKM b-bit", "hard k-means b-bit" or "QAT b-bit"
   int64_t peak_tensor_bytes = 0;  // the device's peak of bytes held by tensors, model included
   double seconds_per_step = 0;
 };
 struct StepBenchResult {
   StepBenchOptions options;
   int64_t parameters = 0;
-  std::vector<StepBenchRow> rows;  // fine-tune, then DKM
+  std::vector<StepBenchRow> rows;  // fine-tune, DKM, hard k-means, QAT
   double memory_ratio = 0, time_ratio = 0;  // DKM / fine-tune
 };
 StepBenchResult run_step_bench(const StepBenchOptions& opts);

@@ -1,8 +1,11 @@
 // `edkm bench step`: what DKM adds to one fine-tuning step of a LLaMA-7B-shaped model, measured
-// beside the same step without it.
+// beside the same step without it and with the straight-through baselines in its place.
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+
+#include <optional>
+#include <vector>
 
 #include "bench/bench.h"
 #include "common/error.h"
@@ -40,15 +43,27 @@ Dataset random_tokens(const StepBenchOptions& o, int64_t examples) {
   return d;
 }
 
-StepBenchRow measure(const StepBenchOptions& o, const LlamaConfig& cfg, bool cluster) {
+std::string mode_name(const std::optional<TrainMethod>& method, int bits) {
+  if (!method) return "fine-tune";
+  switch (*method) {
+    case TrainMethod::kDKM: return fmt::format("DKM {}-bit", bits);
+    case TrainMethod::kHardKMeans: return fmt::format("hard k-means {}-bit", bits);
+    case TrainMethod::kQAT: return fmt::format("QAT {}-bit", bits);
+  }
+  return "?";
+}
+
+// One row; `method` empty: plain fine-tuning.
+StepBenchRow measure(const StepBenchOptions& o, const LlamaConfig& cfg, const std::optional<TrainMethod>& method) {
   TensorMemory::reset_peak(o.device);
   Llama model = Llama::random(cfg, at::kFloat, /*seed=*/0);
   model.to(o.device);
   Clustering clustering;
+  const bool cluster = method.has_value();
   if (cluster) {
     ClusteringPlan plan;
     plan.defaults.bits = o.bits;
-    clustering = Clustering(model, plan.resolve(model));
+    clustering = Clustering(model, plan.resolve(model), *method);
   }
   TrainOptions t;
   t.batch = o.batch;
@@ -64,8 +79,7 @@ StepBenchRow measure(const StepBenchOptions& o, const LlamaConfig& cfg, bool clu
   synchronize(o.device);
   TrainReport r = train(model, cluster ? &clustering : nullptr, timed, t);
   synchronize(o.device);
-  return {cluster ? fmt::format("DKM {}-bit", o.bits) : "fine-tune", TensorMemory::peak(o.device),
-          r.seconds / std::max<int64_t>(1, r.steps_done)};
+  return {mode_name(method, o.bits), TensorMemory::peak(o.device), r.seconds / std::max<int64_t>(1, r.steps_done)};
 }
 
 }  // namespace
@@ -76,8 +90,9 @@ StepBenchResult run_step_bench(const StepBenchOptions& opts) {
   res.options = opts;
   const LlamaConfig cfg = step_config(opts);
   res.parameters = cfg.num_parameters();
-  res.rows.push_back(measure(opts, cfg, /*cluster=*/false));
-  res.rows.push_back(measure(opts, cfg, /*cluster=*/true));
+  for (const std::optional<TrainMethod>& m : std::vector<std::optional<TrainMethod>>{
+           std::nullopt, TrainMethod::kDKM, TrainMethod::kHardKMeans, TrainMethod::kQAT})
+    res.rows.push_back(measure(opts, cfg, m));
   res.memory_ratio = double(res.rows[1].peak_tensor_bytes) / double(res.rows[0].peak_tensor_bytes);
   res.time_ratio = res.rows[1].seconds_per_step / res.rows[0].seconds_per_step;
   return res;
@@ -90,11 +105,12 @@ std::string format_table(const StepBenchResult& r) {
       "AdamW, checkpointed layers{}; mean of {} steps after an untimed one\n",
       o.device.str(), r.parameters / 1e6, o.layers, o.dim, o.hidden, o.batch, o.seq_len,
       o.device.is_cuda() ? ", bf16 autocast" : "", o.steps);
-  s += fmt::format("{:<12} {:>16} {:>10}\n", "mode", "peak tensor GiB", "s/step");
+  s += fmt::format("{:<20} {:>16} {:>10} {:>22}\n", "mode", "peak tensor GiB", "s/step", "vs fine-tune (mem, time)");
+  const StepBenchRow& base = r.rows.front();
   for (const auto& row : r.rows)
-    s += fmt::format("{:<12} {:>16.2f} {:>10.3f}\n", row.mode, row.peak_tensor_bytes / 1073741824.0, row.seconds_per_step);
-  s += fmt::format("DKM / fine-tune: {:+.1f}% memory, {:+.1f}% time\n", 100 * (r.memory_ratio - 1),
-                   100 * (r.time_ratio - 1));
+    s += fmt::format("{:<20} {:>16.2f} {:>10.3f} {:>+10.1f}% {:>+10.1f}%\n", row.mode, row.peak_tensor_bytes / 1073741824.0,
+                     row.seconds_per_step, 100.0 * (double(row.peak_tensor_bytes) / double(base.peak_tensor_bytes) - 1),
+                     100.0 * (row.seconds_per_step / base.seconds_per_step - 1));
   return s;
 }
 
@@ -103,7 +119,9 @@ nlohmann::json to_json(const StepBenchResult& r) {
   nlohmann::json rows = nlohmann::json::array();
   for (const auto& row : r.rows)
     rows.push_back({{"mode", row.mode}, {"peak_tensor_bytes", row.peak_tensor_bytes},
-                    {"seconds_per_step", row.seconds_per_step}});
+                    {"seconds_per_step", row.seconds_per_step},
+                    {"memory_over_finetune", double(row.peak_tensor_bytes) / double(r.rows.front().peak_tensor_bytes)},
+                    {"time_over_finetune", row.seconds_per_step / r.rows.front().seconds_per_step}});
   return {{"benchmark", "step"},
           {"device", o.device.str()},
           {"parameters", r.parameters},

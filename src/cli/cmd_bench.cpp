@@ -109,7 +109,8 @@ void register_bench(CLI::App& app) {
   });
 
   auto* step = bench->add_subcommand(
-      "step", "One fine-tuning step of a LLaMA-7B-shaped model (random weights) with DKM vs without: memory, time");
+      "step", "One fine-tuning step of a LLaMA-7B-shaped model (random weights) with DKM, without, and with hard "
+      "k-means or QAT instead: memory, time");
   auto sopts = std::make_shared<bench::StepBenchOptions>();
   auto sdevice = std::make_shared<std::string>("cpu");
   auto sjson = std::make_shared<bool>(false);
