@@ -11,7 +11,8 @@
 #   bench_dkm.json    `edkm bench dkm --device cuda`: one LLaMA-7B decoder layer, 3 bits
 #   bench_dkm_fp32.json  the same with fp32 weights (training's master weights), beside:
 #   coremltools_dkm.json  coremltools' DKMPalettizer on that layer, with and without eDKM options
-#   bench_step.json   `edkm bench step --device cuda`: a fine-tuning step with DKM vs without
+#   bench_step.json   `edkm bench step --device cuda`: a fine-tuning step with DKM vs without (and
+#                     with hard k-means or QAT in DKM's place)
 #   summary.json      each stage's exit status and seconds, and the machine
 #   gpu-check.log     everything the stages printed
 # Every stage runs under its time limit, cut to what is left of the whole budget (EDKM_GPU_BUDGET,
@@ -105,7 +106,7 @@ export EDKM_ASSETS="$gpu/assets" OMP_NUM_THREADS=8
 stage tests 120 "$build/tests/edkm_tests" --gtest_filter='Cuda.*' --gtest_output="json:$out/tests.json"
 stage bench_dkm 60 sh -c "'$build/edkm' bench dkm --device cuda --reps 5 --json > '$out/bench_dkm.json'"
 # 8 of LLaMA-7B's 32 layers: 1.9B parameters, with AdamW's fp32 state well inside 141 GB.
-stage bench_step 90 sh -c "'$build/edkm' bench step --device cuda --layers 8 --json > '$out/bench_step.json'"
+stage bench_step 120 sh -c "'$build/edkm' bench step --device cuda --layers 8 --json > '$out/bench_step.json'"
 coremltools() {
   "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/edkm-gpu-site "$gpu"/wheels/*.whl &&
     PYTHONPATH=/tmp/edkm-gpu-site "$python" "$root/scripts/coremltools_dkm_bench.py" --device cuda --reps 3 \
