@@ -103,7 +103,7 @@ stage build "${EDKM_GPU_BUILD_LIMIT:-330}" cmake --build "$build" --parallel "$(
 }
 
 export EDKM_ASSETS="$gpu/assets" OMP_NUM_THREADS=8
-stage tests 120 "$build/tests/edkm_tests" --gtest_filter='Cuda.*' --gtest_output="json:$out/tests.json"
+stage tests 180 "$build/tests/edkm_tests" --gtest_filter='Cuda.*' --gtest_output="json:$out/tests.json"
 stage bench_dkm 60 sh -c "'$build/edkm' bench dkm --device cuda --reps 5 --json > '$out/bench_dkm.json'"
 # 8 of LLaMA-7B's 32 layers: 1.9B parameters, with AdamW's fp32 state well inside 141 GB.
 stage bench_step 120 sh -c "'$build/edkm' bench step --device cuda --layers 8 --json > '$out/bench_step.json'"

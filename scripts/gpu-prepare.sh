@@ -3,7 +3,7 @@
 # on a GPU machine that has PyTorch 2.x with CUDA, nvcc, CMake and ninja but no network and no
 # apt. Writes .gpu/ (git-ignored; about 3 MB), which travels with the working tree:
 #   .gpu/debs/    Debian's packages of edkm's other dependencies, unpacked there with dpkg -x
-#   .gpu/assets/  the shared assets the GPU tests read (stories260K, TinyStories' val_a.txt)
+#   .gpu/assets/  the shared assets the GPU tests read (stories260K, TinyStories' val_a.txt, COPA)
 #   .gpu/wheels/  coremltools and the two of its dependencies that machine lacks (for the
 #                 peer benchmark, scripts/coremltools_dkm_bench.py), for its Python 3.12
 #
@@ -24,7 +24,7 @@ packages=(
 )
 
 rm -rf "$out"
-mkdir -p "$out/wheels" "$out/debs" "$out/assets/models/stories260K" "$out/assets/eval/tinystories"
+mkdir -p "$out/wheels" "$out/debs" "$out/assets/models/stories260K" "$out/assets/eval/tinystories" "$out/assets/eval/copa"
 # apt's sandbox user cannot write into most directories: download in /tmp, then move.
 tmp=$(mktemp -d)
 chmod 755 "$tmp"
@@ -34,11 +34,11 @@ rmdir "$tmp"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform manylinux1_x86_64 -d "$out/wheels" coremltools==9.0 cattrs==26.2.1 pyaml==26.7.0
-for f in models/stories260K/stories260K.bin models/stories260K/tok512.bin eval/tinystories/val_a.txt; do
+for f in models/stories260K/stories260K.bin models/stories260K/tok512.bin eval/tinystories/val_a.txt eval/copa/val.jsonl; do
   if [ ! -f "$assets/$f" ]; then
     echo "gpu-prepare: missing asset $assets/$f (set EDKM_ASSETS to the shared assets directory)" >&2
     exit 1
   fi
   cp "$assets/$f" "$out/assets/$f"
 done
-echo "gpu-prepare: $(ls "$out/debs" | wc -l) packages, $(ls "$out/wheels" | wc -l) wheels and 3 assets in $out ($(du -sh "$out" | cut -f1))"
+echo "gpu-prepare: $(ls "$out/debs" | wc -l) packages, $(ls "$out/wheels" | wc -l) wheels and 4 assets in $out ($(du -sh "$out" | cut -f1))"
