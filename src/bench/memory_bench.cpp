@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <unistd.h>
 
 #include "bench/bench.h"
 #include "cluster/edkm.h"
