@@ -93,6 +93,21 @@ TEST(Robustness, OutputsMayNotOverwriteInputs) {
   EXPECT_THROW(check_outputs_distinct({tmp / "a", tmp / "sub/../a"}, {}), InputError);
 }
 
+TEST(Robustness, RemoveTreeRemovesEverythingBelowButNotWhatLinksPointTo) {
+  namespace fs = std::filesystem;
+  test::TempDir tmp;
+  fs::create_directories(tmp / "x/a/b");
+  fs::create_directories(tmp / "keep");
+  write_file_atomic(tmp / "x/a/b/f", "1");
+  write_file_atomic(tmp / "x/g", "2");
+  write_file_atomic(tmp / "keep/h", "3");
+  fs::create_directory_symlink(tmp / "keep", tmp / "x/link");
+  remove_tree(tmp / "x");
+  EXPECT_FALSE(fs::exists(tmp / "x"));
+  EXPECT_EQ(read_file(tmp / "keep/h"), "3");
+  remove_tree(tmp / "x");  // nothing there: no error
+}
+
 TEST(Robustness, NaNSettingsAndWeightsAreErrorsNotCrashes) {
   test::TempDir tmp;
   const std::string base = "generate -t 1 -n 4 -m " + test::asset(kStories);

@@ -34,7 +34,7 @@ struct TempDir {
     std::string tmpl = (std::filesystem::temp_directory_path() / "edkm_test_XXXXXX").string();
     path = ::mkdtemp(tmpl.data());
   }
-  ~TempDir() { std::filesystem::remove_all(path); }
+  ~TempDir() { remove_tree(path.string()); }
   std::string operator/(const std::string& name) const { return (path / name).string(); }
 };
 

@@ -69,6 +69,14 @@ void remove_stale_temporaries(const std::string& path) {
   }
 }
 
+void remove_tree(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(fs::symlink_status(dir, ec)))
+    for (const auto& e : fs::directory_iterator(dir, ec)) remove_tree(e.path().string());
+  fs::remove(dir, ec);
+}
+
 void write_file_atomic(const std::string& path, std::string_view contents) {
   AtomicFile f(path);
   f.write(contents);

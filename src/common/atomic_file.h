@@ -38,6 +38,12 @@ class AtomicFile {
 // a concurrent writer of the same path would lose its temporary.
 void remove_stale_temporaries(const std::string& path);
 
+// Removes a directory and everything in it; nothing if it does not exist. Not
+// std::filesystem::remove_all: PyTorch 2.11's libtorch.so exports its own copy of
+// std::filesystem, whose remove_all calls a libstdc++-internal function that newer libstdc++
+// (GCC 13's) no longer has, so in a program linked against that libtorch it jumps to address 0.
+void remove_tree(const std::string& dir);
+
 // Writes a whole file atomically.
 void write_file_atomic(const std::string& path, std::string_view contents);
 

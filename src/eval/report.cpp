@@ -174,7 +174,7 @@ void report_plot(const std::vector<nlohmann::json>& results, const std::string& 
   write_file_atomic(script_file, script);
   const int rc = std::system(fmt::format("gnuplot '{}' 2> '{}'", script_file, (dir / "err.txt").string()).c_str());
   const std::string err = fs::exists(dir / "err.txt") ? read_file((dir / "err.txt").string()) : "";
-  fs::remove_all(dir);
+  remove_tree(dir.string());
   if (rc != 0 || !fs::exists(tmp_png)) {
     fs::remove(tmp_png);
     if (WIFEXITED(rc) && WEXITSTATUS(rc) == 127) throw_input("{}: gnuplot not found; install gnuplot-nox", png_path);
