@@ -32,7 +32,7 @@ ap.add_argument("--device", default="cuda")
 ap.add_argument("--bits", type=int, default=3)
 ap.add_argument("--reps", type=int, default=3)
 ap.add_argument("--layer-scale", type=float, default=1.0, help="shrinks the output dimensions (1 = LLaMA-7B)")
-ap.add_argument("--weights", default="fp32", choices=["fp32", "bf16"])
+ap.add_argument("--weights", default="bf16", choices=["bf16", "fp32"], help="the layer's dtype, as edkm bench dkm's --weights")
 args = ap.parse_args()
 device = torch.device(args.device)
 dtype = torch.float32 if args.weights == "fp32" else torch.bfloat16

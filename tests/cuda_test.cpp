@@ -52,9 +52,12 @@ TEST(Cuda, PatternIndexKernelsMatchTheHostLoops) {
 
           const at::Tensor jac = at::randn({layout.groups, table.size(1), 1, 1}, table.options());
           const at::Tensor h = at::randn({layout.groups, table.size(1), 1}, table.options());
-          // Both sides round j * g and then + h; the first GPU run found them unequal for fp32
-          // weights (cause not established), so equal to rounding, not bit for bit.
-          EXPECT_LE(test::rel_err(gpu->input_grad(G.cuda(), jac.cuda(), h.cuda()).cpu(), host->input_grad(G, jac, h)), 1e-6);
+          // Both sides form j * g + h in the compute dtype and round it to the weight's. The GPU
+          // runs found the fp32 results unequal in the last place (cause not established), which a
+          // bf16 or fp16 output rounds either way on a few weights: equal to one rounding of the
+          // output dtype (norm-wise), not bit for bit.
+          const double tol = wdt == at::kBFloat16 ? 0x1p-8 : wdt == at::kHalf ? 0x1p-11 : 1e-6;
+          EXPECT_LE(test::rel_err(gpu->input_grad(G.cuda(), jac.cuda(), h.cuda()).cpu(), host->input_grad(G, jac, h)), tol);
         }
       }
     }

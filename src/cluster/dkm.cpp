@@ -65,8 +65,7 @@ struct IndexedDKMFunction : torch::autograd::Function<IndexedDKMFunction> {
     // f_i h_u / s_r = (f_i / s_r^2) emit(h)_i.
     at::Tensor direct = index.input_grad(grad, ug.jac.to(cdt), at::zeros_like(ug.h, cdt));
     const GroupLayout& l = st->layout;
-    at::Tensor f = vector_importance(st->importance, l, weight).unsqueeze(-1).expand({l.groups, l.vectors, l.dim});
-    f = f.reshape({l.rows, l.cols});
+    at::Tensor f = spread_vectors(vector_importance(st->importance, l, weight), l);
     if (st->scale.defined()) f = f / st->scale.square().unsqueeze(1);
     at::Tensor path = f * index.emit(ug.h.to(cdt)).reshape({l.rows, l.cols});
     return {direct + path.to(direct.scalar_type()).view(direct.sizes()), at::Tensor(), at::Tensor()};

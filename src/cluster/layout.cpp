@@ -94,6 +94,10 @@ at::Tensor vector_importance(const at::Tensor& importance, const GroupLayout& la
   return at::where(total > 0, f * (double(layout.vectors) / total), at::ones_like(f));
 }
 
+at::Tensor spread_vectors(const at::Tensor& per_vector, const GroupLayout& layout) {
+  return per_vector.unsqueeze(-1).expand({layout.groups, layout.vectors, layout.dim}).reshape({layout.rows, layout.cols});
+}
+
 at::Tensor checked_palette(const at::Tensor& palette, const GroupLayout& layout,
                            const DKMConfig& cfg, const at::Tensor& weight) {
   if (!palette.defined()) throw_invalid("palette is undefined (see init_palette)");

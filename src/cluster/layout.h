@@ -52,6 +52,10 @@ at::Tensor checked_importance(const at::Tensor& importance, const at::Tensor& we
 // equally.
 at::Tensor vector_importance(const at::Tensor& importance, const GroupLayout& layout, const at::Tensor& weight);
 
+// A per-vector quantity [G, vectors] repeated over each vector's d components, in the weight's
+// [rows, cols] layout.
+at::Tensor spread_vectors(const at::Tensor& per_vector, const GroupLayout& layout);
+
 // Throws std::invalid_argument if the tensor holds NaN or Inf (checked in bounded chunks).
 void check_finite(const at::Tensor& t, const char* what);
 

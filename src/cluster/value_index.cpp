@@ -28,8 +28,7 @@ at::Tensor value_weights(const ValueIndex& index, const at::Tensor& fv, const Gr
                          const at::Tensor& scale, const at::Tensor& weight) {
   // aggregate() sums s_r t_i over the weights of each value, component by component: with
   // t_i = fv / (d s_r) on each of a vector's d components, the sum over components is sum fv.
-  at::Tensor t = (fv / double(layout.dim)).unsqueeze(-1).expand({layout.groups, layout.vectors, layout.dim});
-  t = t.reshape({layout.rows, layout.cols});
+  at::Tensor t = spread_vectors(fv / double(layout.dim), layout);
   if (scale.defined()) t = t / scale.unsqueeze(1);
   return index.aggregate(t.to(weight.scalar_type()).view(weight.sizes())).sum(-1);
 }

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <regex>
@@ -101,7 +102,7 @@ TrainMethod parse_train_method(const std::string& s) {
 Clustering::Clustering(const Llama& model, const std::vector<std::pair<std::string, DKMConfig>>& plan,
                        TrainMethod method, const std::map<std::string, at::Tensor>* importance,
                        bool weighted_updates)
-    : method_(method), weighted_updates_(weighted_updates) {
+    : method_(method) {
   if (weighted_updates && (!importance || method == TrainMethod::kQAT))
     throw_invalid("weighted centroid updates need an importance and a palette method (dkm or hard-kmeans)");
   at::NoGradGuard no_grad;
@@ -133,6 +134,10 @@ Clustering::Clustering(const Llama& model, const std::vector<std::pair<std::stri
     }
     weights_.push_back(std::move(cw));
   }
+}
+
+bool Clustering::weighted_updates() const {
+  return std::any_of(weights_.begin(), weights_.end(), [](const ClusteredWeight& w) { return w.importance.defined(); });
 }
 
 bool Clustering::contains(const std::string& name) const {

@@ -79,7 +79,7 @@ class Clustering {
              bool weighted_updates = false);
 
   TrainMethod method() const { return method_; }
-  bool weighted_updates() const { return weighted_updates_; }
+  bool weighted_updates() const;
   // Tensors the optimizer trains besides the model's weights (QAT's scales and zero points).
   std::vector<at::Tensor> trainable() const;
 
@@ -102,7 +102,6 @@ class Clustering {
  private:
   std::vector<ClusteredWeight> weights_;
   TrainMethod method_ = TrainMethod::kDKM;
-  bool weighted_updates_ = false;
 };
 
 }  // namespace edkm
