@@ -27,7 +27,7 @@ struct Grads {
 Grads run(const at::Tensor& w0, const at::Tensor& palette, const DKMConfig& cfg,
           const at::Tensor& scale, const at::Tensor& R, const at::Tensor& importance = {}) {
   at::Tensor w = w0.detach().clone().requires_grad_(true);
-  DKMResult r = dkm(w, palette, cfg, scale, importance);
+  DKMResult r = dkm(w, palette, cfg, scale, importance.defined() ? Importance(importance, w, cfg) : Importance());
   (r.weight.to(at::kDouble) * R).sum().backward();
   return {r.weight.detach(), r.palette, w.grad(), r.iterations};
 }
@@ -137,16 +137,16 @@ TEST(DKM, ImportanceWeighsTheCentroidUpdate) {
   for (DKMMethod m : {DKMMethod::kDense, DKMMethod::kUnique, DKMMethod::kAuto}) {
     cfg.method = m;
     SCOPED_TRACE(to_string(m));
-    at::Tensor c = dkm(w, p, cfg, {}, f).palette.view({2});
+    at::Tensor c = dkm(w, p, cfg, {}, Importance(f, w, cfg)).palette.view({2});
     EXPECT_NEAR(c[0].item<double>(), (3 * 0.0 + 1 * 0.25) / 4, 1e-6);
     EXPECT_NEAR(c[1].item<double>(), 1.0, 1e-6);
     const at::Tensor plain = dkm(w, p, cfg).palette;
     EXPECT_NEAR(plain.view({2})[0].item<double>(), 0.125, 1e-6);
-    EXPECT_LE(rel_err(dkm(w, p, cfg, {}, at::full({1, 4}, 1e-9)).palette, plain), 1e-6);
-    EXPECT_LE(rel_err(dkm(w, p, cfg, {}, at::zeros({1, 4})).palette, plain), 1e-6);
+    EXPECT_LE(rel_err(dkm(w, p, cfg, {}, Importance(at::full({1, 4}, 1e-9), w, cfg)).palette, plain), 1e-6);
+    EXPECT_LE(rel_err(dkm(w, p, cfg, {}, Importance(at::zeros({1, 4}), w, cfg)).palette, plain), 1e-6);
   }
   // The hard k-means step of the straight-through baseline weighs the same way.
-  at::Tensor c = lloyd_update(w, p, cfg, {}, f).view({2});
+  at::Tensor c = lloyd_update(w, p, cfg, {}, Importance(f, w, cfg)).view({2});
   EXPECT_NEAR(c[0].item<double>(), 0.0625, 1e-6);
   EXPECT_NEAR(c[1].item<double>(), 1.0, 1e-6);
   EXPECT_NEAR(lloyd_update(w, p, cfg).view({2})[1].item<double>(), 1.25, 1e-6);
@@ -401,14 +401,21 @@ TEST(DKM, RejectsBadInput) {
   EXPECT_THROW(dkm(w, p, scaled, at::zeros({8})), std::invalid_argument);
   EXPECT_THROW(parse_cluster_dtype("int8"), std::invalid_argument);
   // An importance of the wrong shape, negative, or not finite; and with eDKM's method.
-  for (at::Tensor f : {at::ones({8, 4}), -at::ones({8, 8}), at::full({8, 8}, NAN)}) {
-    EXPECT_THROW(dkm(w, p, cfg, {}, f), std::invalid_argument);
-    EXPECT_THROW(init_palette(w, cfg, {}, {}, f), std::invalid_argument);
-    EXPECT_THROW(lloyd_update(w, p, cfg, {}, f), std::invalid_argument);
+  for (at::Tensor f : {at::ones({8, 4}), -at::ones({8, 8}), at::full({8, 8}, NAN), at::ones({8, 8}, at::kInt)})
+    EXPECT_THROW(Importance(f, w, cfg), std::invalid_argument);
+  // One prepared for another weight or layout.
+  const Importance other(at::ones({8, 4}), w.narrow(1, 0, 4), cfg);
+  DKMConfig two_groups = cfg;
+  two_groups.group_size = 4;
+  const Importance grouped_f(at::ones({8, 8}), w, two_groups);
+  for (const Importance* f : {&other, &grouped_f}) {
+    EXPECT_THROW(dkm(w, p, cfg, {}, *f), std::invalid_argument);
+    EXPECT_THROW(init_palette(w, cfg, {}, {}, *f), std::invalid_argument);
+    EXPECT_THROW(lloyd_update(w, p, cfg, {}, *f), std::invalid_argument);
   }
   DKMConfig stored = cfg;
   stored.method = DKMMethod::kEDKM;
-  EXPECT_THROW(dkm(w, p, stored, {}, at::ones({8, 8})), std::invalid_argument);
+  EXPECT_THROW(dkm(w, p, stored, {}, Importance(at::ones({8, 8}), w, stored)), std::invalid_argument);
 }
 
 // `edkm bench dkm --json` end to end on a shrunken layer: every method's row, in both weight

@@ -98,7 +98,8 @@ TEST(Cuda, DkmForwardAndBackwardMatchTheCpu) {
     SCOPED_TRACE(importance.defined() ? "weighted" : "unweighted");
     auto run = [&](const at::Device& device) {
       at::Tensor w = w0.to(device, /*non_blocking=*/false, /*copy=*/true).requires_grad_(true);
-      DKMResult r = dkm(w, c0.to(device), cfg, s.to(device), importance.defined() ? importance.to(device) : importance);
+      DKMResult r = dkm(w, c0.to(device), cfg, s.to(device),
+                        importance.defined() ? Importance(importance.to(device), w, cfg) : Importance());
       (r.weight * upstream.to(device)).sum().backward();
       return std::make_tuple(r.weight.detach().cpu(), w.grad().cpu(), r.palette.cpu(), r.iterations);
     };

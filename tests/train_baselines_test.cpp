@@ -103,6 +103,44 @@ TEST(QAT, StartsAtRtnAndExportsWhatItTrained) {
   }
 }
 
+// Soft weights made in bf16 (Clustering::soft's dtype, as the trainer asks under bf16
+// autocast) are the fp32 soft weights rounded once, the embedding table excepted, and carry a
+// bf16 upstream gradient to the model's weights exactly as the fp32 ones do, since a cast's
+// backward is exact.
+TEST(TrainBaselines, SoftWeightsInBf16AreRoundedAndCarryTheSameGradient) {
+  for (TrainMethod method : {TrainMethod::kDKM, TrainMethod::kHardKMeans, TrainMethod::kQAT}) {
+    SCOPED_TRACE(to_string(method));
+    LoadedModel m = load_model(test::asset(kStories));
+    ClusteringPlan plan;
+    plan.defaults.bits = 3;
+    plan.include_embeddings = true;
+    Clustering c(m.model, plan.resolve(m.model), method);
+    for (auto& [name, w] : m.model.weights()) w.requires_grad_(true);
+    at::manual_seed(3);
+    std::map<std::string, at::Tensor> upstream;
+    for (const auto& cw : c.weights())
+      upstream[cw.name] = at::randn(m.model.weight(cw.name).sizes()).to(at::kBFloat16).to(at::kFloat);
+    auto weight_grads = [&](const WeightOverrides& soft) {
+      for (auto& [name, w] : m.model.weights()) w.mutable_grad() = at::Tensor();
+      for (const auto& [name, y] : soft) y.backward(upstream.at(name).to(y.scalar_type()));
+      std::map<std::string, at::Tensor> g;
+      for (const auto& [name, y] : soft) g[name] = m.model.weight(name).grad().clone();
+      return g;
+    };
+    const WeightOverrides full = c.soft(m.model, /*advance=*/false);
+    const WeightOverrides half = c.soft(m.model, /*advance=*/false, at::kBFloat16);
+    ASSERT_EQ(full.size(), half.size());
+    for (const auto& [name, y] : full) {
+      const bool table = name == tensor_name::kEmbed;
+      EXPECT_EQ(half.at(name).scalar_type(), table ? at::kFloat : at::kBFloat16) << name;
+      EXPECT_TRUE(at::equal(half.at(name), table ? y : y.to(at::kBFloat16))) << name;
+    }
+    EXPECT_TRUE(half.count(tensor_name::kEmbed));
+    const auto want = weight_grads(full), got = weight_grads(half);
+    for (const auto& [name, g] : want) EXPECT_LE(test::rel_err(got.at(name), g), 1e-6) << name;
+  }
+}
+
 CompressOptions baseline_run(const test::TempDir& tmp, const std::string& out, TrainMethod method) {
   CompressOptions o;
   o.data_path = test::asset("eval/tinystories/val_a.txt");

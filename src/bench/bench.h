@@ -144,12 +144,12 @@ struct StepBenchRow {
   std::string mode;               // "fine-tune", "DKM b-bit", "hard k-means b-bit" or "QAT b-bit"
   int64_t peak_tensor_bytes = 0;  // the device's peak of bytes held by tensors, model included
   double seconds_per_step = 0;
+  double memory_over_finetune = 0, time_over_finetune = 0;  // this row / the fine-tune row
 };
 struct StepBenchResult {
   StepBenchOptions options;
   int64_t parameters = 0;
   std::vector<StepBenchRow> rows;  // fine-tune, DKM, hard k-means, QAT
-  double memory_ratio = 0, time_ratio = 0;  // DKM / fine-tune
 };
 StepBenchResult run_step_bench(const StepBenchOptions& opts);
 std::string format_table(const StepBenchResult& r);

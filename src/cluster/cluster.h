@@ -95,6 +95,26 @@ ClusterDType parse_cluster_dtype(const std::string& s);  // fp32 | bf16 | fp16 |
 PaletteInit parse_palette_init(const std::string& s);    // kmeans++ | quantile | given | optimal
 DKMMethod parse_dkm_method(const std::string& s);        // dense | unique | auto
 
+// The importance of each weight of one tensor (e.g. its diagonal Fisher information), prepared
+// for one clustering config: checked once (the weight's shape, floating-point, finite, >= 0)
+// and reduced to one value per clustered unit, the sum over a vector's d components rescaled
+// per group to mean 1. Weighted centroids depend only on ratios within a group; the rescaling
+// keeps the weighted inertia, and so eps, in the units of the unweighted algorithm. A group
+// whose importances are all 0 weighs its units equally. A training loop prepares it once and
+// passes it at every step, since the checks and the reduction are passes over the weight.
+class Importance {
+ public:
+  Importance() = default;  // unweighted
+  // Throws std::invalid_argument naming the problem.
+  Importance(const at::Tensor& importance, const at::Tensor& weight, const DKMConfig& cfg);
+  bool defined() const { return per_unit_.defined(); }
+  // [G, vectors per group], fp64 for fp64 weights and fp32 otherwise, on the weight's device.
+  const at::Tensor& per_unit() const { return per_unit_; }
+
+ private:
+  at::Tensor per_unit_;
+};
+
 // Per-row scale s_r = (max_r - min_r) / 2 over each output row ([rows], fp32); rows that are
 // constant get 1 so that dividing by s is always defined.
 at::Tensor row_scales(const at::Tensor& weight);
@@ -103,13 +123,13 @@ at::Tensor row_scales(const at::Tensor& weight);
 // of the prepared weight, seeded as cfg.init says. For kGiven, `given` ([k, d], [G, k, d] or
 // [k] for scalars) is validated and broadcast to every group. When a group has fewer distinct
 // values than k, the palette holds each value once and repeats the largest.
-// `importance` (weight-shaped, >= 0, optional) weighs each weight in the k-means objective
+// `importance` (optional) weighs each weight in the k-means objective
 // sum_i f_i |x_i - c(i)|^2 instead of 1: sensitivity-weighted k-means (SqueezeLLM, Kim et al.
 // 2023, eq. 4, with f the diagonal Fisher information); a distinct value weighs the sum of its
 // weights' importances.
 at::Tensor init_palette(const at::Tensor& weight, const DKMConfig& cfg,
                         const at::Tensor& scale = {}, const at::Tensor& given = {},
-                        const at::Tensor& importance = {});
+                        const Importance& importance = {});
 
 struct DKMResult {
   at::Tensor weight;            // soft-clustered weight: shape, dtype, device of the input
@@ -123,16 +143,15 @@ struct DKMResult {
 // cfg.per_row_scale is on. Throws std::invalid_argument for an empty weight, NaN/Inf values,
 // values that overflow the cluster dtype, or shapes that do not fit the config.
 //
-// `importance` (weight-shaped, >= 0, optional; no gradient) weighs each weight in the centroid
-// updates and the inertia, as init_palette's does in the first palette:
+// `importance` (optional; no gradient) weighs each weight in the centroid updates and the
+// inertia, as init_palette's does in the first palette:
 //     c_j' = sum_i f_i A_ij x_i / sum_i f_i A_ij ,   inertia = sum_i f_i min_j D_ij
-// (a vector weighs the sum over its components; f is rescaled to mean 1 per group, so tau and
-// eps keep their units). Sensitivity-weighted k-means palettes (SqueezeLLM) otherwise drift
+// with f per clustered unit as Importance prepares it. Sensitivity-weighted k-means palettes (SqueezeLLM) otherwise drift
 // back towards the unweighted optimum at every step. In unique-value space the multiplicities
 // n_u become the summed importances F_u, and a weight's gradient through the palettes is f_i
 // times the per-unit term. Not with method kEDKM.
 DKMResult dkm(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
-              const at::Tensor& scale = {}, const at::Tensor& importance = {});
+              const at::Tensor& scale = {}, const Importance& importance = {});
 
 // Hard assignment: the nearest centroid of each (scaled, rounded) weight or vector.
 struct Palettized {

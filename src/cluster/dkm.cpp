@@ -18,8 +18,9 @@ struct IndexedState : torch::CustomClassHolder {
   std::unique_ptr<ValueIndex> index;
   UniqueSpaceState state;
   SoftKMeans params;
-  // Importance-weighted DKM: the caller's importance (a reference, not a copy, so that nothing
-  // N-sized is saved) and the summed importance of each value [G, U] in place of its count.
+  // Importance-weighted DKM: the caller's per-unit importance [G, vectors] (a reference, not a
+  // copy, so that nothing N-sized is saved) and the summed importance of each value [G, U] in
+  // place of its count.
   at::Tensor importance;
   at::Tensor weights;
   GroupLayout layout;
@@ -65,7 +66,7 @@ struct IndexedDKMFunction : torch::autograd::Function<IndexedDKMFunction> {
     // f_i h_u / s_r = (f_i / s_r^2) emit(h)_i.
     at::Tensor direct = index.input_grad(grad, ug.jac.to(cdt), at::zeros_like(ug.h, cdt));
     const GroupLayout& l = st->layout;
-    at::Tensor f = spread_vectors(vector_importance(st->importance, l, weight), l);
+    at::Tensor f = spread_vectors(st->importance, l);
     if (st->scale.defined()) f = f / st->scale.square().unsqueeze(1);
     at::Tensor path = f * index.emit(ug.h.to(cdt)).reshape({l.rows, l.cols});
     return {direct + path.to(direct.scalar_type()).view(direct.sizes()), at::Tensor(), at::Tensor()};
@@ -97,7 +98,7 @@ DKMResult dkm_indexed(const at::Tensor& weight, const at::Tensor& palette, const
     st->importance = importance;
     st->layout = layout;
     st->scale = scale;
-    st->weights = value_weights(*st->index, vector_importance(importance, layout, weight), layout, scale, weight);
+    st->weights = value_weights(*st->index, importance, layout, scale, weight);
   }
   DKMResult r;
   r.method = kind == IndexKind::kIdentity ? DKMMethod::kAuto : DKMMethod::kUnique;
@@ -113,16 +114,16 @@ DKMResult dkm_indexed(const at::Tensor& weight, const at::Tensor& palette, const
 }  // namespace detail
 
 DKMResult dkm(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
-              const at::Tensor& scale, const at::Tensor& importance) {
+              const at::Tensor& scale, const Importance& importance) {
   using namespace detail;
   const GroupLayout layout = GroupLayout::of(weight, cfg);
   at::Tensor s = checked_scale(scale, layout, cfg, weight);
   at::Tensor c0 = repair_collapsed(checked_palette(palette, layout, cfg, weight));
-  at::Tensor f = importance.defined() ? checked_importance(importance, weight) : at::Tensor();
+  const at::Tensor f = checked_importance(importance, layout, weight);
   const bool pattern = is_16bit(rounding_dtype(weight, cfg.cluster_dtype)) && layout.dim == 1;
   switch (cfg.method) {
     case DKMMethod::kDense:
-      return dkm_dense(weight, c0, cfg, s, layout, f.defined() ? vector_importance(f, layout, weight) : f);
+      return dkm_dense(weight, c0, cfg, s, layout, f);
     case DKMMethod::kUnique:
       return dkm_indexed(weight, c0, cfg, s, layout, pattern ? IndexKind::kPattern : IndexKind::kSorted, f);
     case DKMMethod::kAuto:
@@ -141,6 +142,23 @@ at::Tensor row_scales(const at::Tensor& weight) {
   detail::check_finite(w, "weight");
   at::Tensor s = (std::get<0>(w.max(1)) - std::get<0>(w.min(1))) * 0.5;
   return at::where(s > 0, s, at::ones_like(s));
+}
+
+Importance::Importance(const at::Tensor& importance, const at::Tensor& weight, const DKMConfig& cfg) {
+  using namespace detail;
+  const GroupLayout layout = GroupLayout::of(weight, cfg);
+  if (!importance.defined()) throw_invalid("importance is undefined");
+  if (!importance.sizes().equals(weight.sizes()))
+    throw_invalid("importance must have the weight's shape {}, got {}", c10::str(weight.sizes()),
+                  c10::str(importance.sizes()));
+  if (!at::isFloatingType(importance.scalar_type())) throw_invalid("importance must be floating-point");
+  at::NoGradGuard no_grad;
+  at::Tensor f = importance.detach().to(weight.device());
+  check_finite(f, "importance");
+  if (f.lt(0).any().item<bool>()) throw_invalid("importance must be >= 0");
+  f = f.to(compute_dtype(weight)).reshape({layout.groups, layout.vectors, layout.dim}).sum(-1);
+  at::Tensor total = f.sum(1, /*keepdim=*/true);
+  per_unit_ = at::where(total > 0, f * (double(layout.vectors) / total), at::ones_like(f));
 }
 
 }  // namespace edkm

@@ -6,8 +6,8 @@
 namespace edkm::detail {
 
 // Arguments are checked by dkm(); palette is in the compute dtype and already repaired;
-// importance is undefined for unweighted DKM; dkm_dense takes vector_importance()'s
-// [G, vectors], dkm_indexed the checked weight-shaped importance, which it keeps by reference.
+// importance is Importance::per_unit() [G, vectors] (undefined for unweighted DKM), which
+// dkm_indexed keeps by reference.
 DKMResult dkm_dense(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
                     const at::Tensor& scale, const GroupLayout& layout, const at::Tensor& importance);
 

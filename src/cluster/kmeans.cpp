@@ -274,7 +274,7 @@ at::Tensor weighted_kmeans(const at::Tensor& values, const at::Tensor& counts, i
 }
 
 at::Tensor init_palette(const at::Tensor& weight, const DKMConfig& cfg, const at::Tensor& scale,
-                        const at::Tensor& given, const at::Tensor& importance) {
+                        const at::Tensor& given, const Importance& importance) {
   using namespace detail;
   const GroupLayout layout = GroupLayout::of(weight, cfg);
   at::Tensor s = checked_scale(scale, layout, cfg, weight);
@@ -292,8 +292,7 @@ at::Tensor init_palette(const at::Tensor& weight, const DKMConfig& cfg, const at
   auto index = pattern ? make_pattern_index(weight, layout, cfg, s) : make_sorted_index(weight, layout, cfg, s);
   at::Tensor counts = index->counts();
   if (importance.defined())
-    counts = value_weights(*index, vector_importance(checked_importance(importance, weight), layout, weight),
-                           layout, s, weight);
+    counts = value_weights(*index, checked_importance(importance, layout, weight), layout, s, weight);
   std::vector<at::Tensor> palettes;
   for (int64_t g = 0; g < layout.groups; ++g) {
     palettes.push_back(weighted_kmeans(index->values()[g], counts[g], cfg.k(), cfg.init,

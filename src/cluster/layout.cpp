@@ -77,21 +77,16 @@ at::Tensor checked_scale(const at::Tensor& scale, const GroupLayout& layout, con
   return s;
 }
 
-at::Tensor checked_importance(const at::Tensor& importance, const at::Tensor& weight) {
-  if (!importance.sizes().equals(weight.sizes()))
-    throw_invalid("importance must have the weight's shape {}, got {}", c10::str(weight.sizes()),
-                  c10::str(importance.sizes()));
-  if (!at::isFloatingType(importance.scalar_type())) throw_invalid("importance must be floating-point");
-  at::Tensor f = importance.detach().to(weight.device());
-  check_finite(f, "importance");
-  if (f.lt(0).any().item<bool>()) throw_invalid("importance must be >= 0");
-  return f;
-}
-
-at::Tensor vector_importance(const at::Tensor& importance, const GroupLayout& layout, const at::Tensor& weight) {
-  at::Tensor f = importance.to(compute_dtype(weight)).reshape({layout.groups, layout.vectors, layout.dim}).sum(-1);
-  at::Tensor total = f.sum(1, /*keepdim=*/true);
-  return at::where(total > 0, f * (double(layout.vectors) / total), at::ones_like(f));
+at::Tensor checked_importance(const Importance& importance, const GroupLayout& layout, const at::Tensor& weight) {
+  if (!importance.defined()) return {};
+  const at::Tensor& f = importance.per_unit();
+  if (!f.sizes().equals({layout.groups, layout.vectors}))
+    throw_invalid("the importance was prepared for {} units in groups of {}, this weight has {} in groups of {}: "
+                  "prepare it for this weight and config", f.numel(), f.size(-1), layout.groups * layout.vectors,
+                  layout.vectors);
+  if (f.device() != weight.device())
+    throw_invalid("the importance is on {}, the weight on {}", f.device().str(), weight.device().str());
+  return f.to(compute_dtype(weight));
 }
 
 at::Tensor spread_vectors(const at::Tensor& per_vector, const GroupLayout& layout) {

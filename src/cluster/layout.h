@@ -42,15 +42,9 @@ at::Tensor prepare(const at::Tensor& weight, const GroupLayout& layout, const DK
 at::Tensor restore(const at::Tensor& y, const GroupLayout& layout, const at::Tensor& scale,
                    const at::Tensor& like);
 
-// Checks an importance for `weight` (same shape, floating, finite, >= 0) and returns it detached
-// on the weight's device; std::invalid_argument naming the problem otherwise.
-at::Tensor checked_importance(const at::Tensor& importance, const at::Tensor& weight);
-// The importance of each vector ([G, vectors] in the compute dtype): the sum of a checked
-// importance over the vector's components, rescaled per group to mean 1. Weighted centroids
-// depend only on ratios within a group; the rescaling keeps the weighted inertia, and so eps, in
-// the units of the unweighted algorithm. A group whose importances are all 0 weighs its vectors
-// equally.
-at::Tensor vector_importance(const at::Tensor& importance, const GroupLayout& layout, const at::Tensor& weight);
+// The per-unit importance [G, vectors] in the compute dtype (undefined when unweighted); throws
+// std::invalid_argument if it was prepared for a weight of another layout or device.
+at::Tensor checked_importance(const Importance& importance, const GroupLayout& layout, const at::Tensor& weight);
 
 // A per-vector quantity [G, vectors] repeated over each vector's d components, in the weight's
 // [rows, cols] layout.

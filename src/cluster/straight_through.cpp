@@ -24,7 +24,7 @@ at::Tensor scale_grad(const at::Tensor& x, double g) { return (x - x * g).detach
 }  // namespace
 
 at::Tensor lloyd_update(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
-                        const at::Tensor& scale, const at::Tensor& importance) {
+                        const at::Tensor& scale, const Importance& importance) {
   using namespace detail;
   at::NoGradGuard no_grad;
   const GroupLayout layout = GroupLayout::of(weight, cfg);
@@ -38,7 +38,7 @@ at::Tensor lloyd_update(const at::Tensor& weight, const at::Tensor& palette, con
                     at::arange(layout.groups, x.options().dtype(at::kLong)).unsqueeze(1) * k;
   slot = slot.view({-1});
   at::Tensor f = importance.defined()
-                     ? vector_importance(checked_importance(importance, weight), layout, weight).reshape({-1}).to(at::kDouble)
+                     ? checked_importance(importance, layout, weight).reshape({-1}).to(at::kDouble)
                      : at::ones({slot.size(0)}, x.options().dtype(at::kDouble));
   at::Tensor sums = at::zeros({layout.groups * k, layout.dim}, x.options().dtype(at::kDouble));
   sums.index_add_(0, slot, x.to(at::kDouble) * f.unsqueeze(1));

@@ -20,11 +20,10 @@
 namespace edkm {
 
 // One Lloyd step: each centroid becomes the mean of the (scaled, rounded) weights or vectors
-// nearest to it, weighted by `importance` when given (weight-shaped, >= 0; a vector weighs the
-// sum over its components), as dkm()'s; a centroid that no weight is nearest, or only weights
+// nearest to it, weighted by `importance` when given, as dkm()'s; a centroid that no weight is nearest, or only weights
 // of importance 0, keeps its value. Returns the new palette [G, k, d] (fp32).
 at::Tensor lloyd_update(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
-                        const at::Tensor& scale = {}, const at::Tensor& importance = {});
+                        const at::Tensor& scale = {}, const Importance& importance = {});
 
 // The weight at its nearest centroid (palettize, depalettize), with a straight-through
 // gradient to `weight`.

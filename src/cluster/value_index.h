@@ -46,7 +46,7 @@ class ValueIndex {
 };
 
 // The summed importance of each distinct value [G, U] (fp64 for the distinct-value indices; 0
-// for padding), from per-vector importances fv [G, vectors] (vector_importance()). It replaces
+// for padding), from per-vector importances fv [G, vectors] (Importance::per_unit()). It replaces
 // the multiplicities in importance-weighted k-means.
 at::Tensor value_weights(const ValueIndex& index, const at::Tensor& fv, const GroupLayout& layout,
                          const at::Tensor& scale, const at::Tensor& weight);

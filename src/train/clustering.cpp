@@ -121,14 +121,14 @@ Clustering::Clustering(const Llama& model, const std::vector<std::pair<std::stri
         continue;
       }
       if (cfg.per_row_scale) cw.scale = row_scales(w);
-      at::Tensor f;
+      Importance f;
       if (importance) {
         auto it = importance->find(name);
         if (it == importance->end()) throw_invalid("no importance for {}", name);
-        f = it->second;
+        f = Importance(it->second, w, cfg);
       }
       cw.palette = init_palette(w, cfg, cw.scale, {}, f);
-      if (weighted_updates) cw.importance = f;
+      if (weighted_updates) cw.importance = std::move(f);
     } catch (const std::invalid_argument& e) {
       throw_input("{}: {}", name, e.what());
     }
@@ -153,25 +153,31 @@ std::vector<at::Tensor> Clustering::trainable() const {
   return out;
 }
 
-WeightOverrides Clustering::soft(const Llama& model, bool advance) {
+WeightOverrides Clustering::soft(const Llama& model, bool advance, at::ScalarType dtype) {
   WeightOverrides out;
   for (auto& cw : weights_) {
     const at::Tensor& w = model.weight(cw.name);
+    at::Tensor y;
     switch (method_) {
       case TrainMethod::kDKM: {
         DKMResult r = dkm(w, cw.palette, cw.cfg, cw.scale, cw.importance);
-        out[cw.name] = r.weight;
+        y = r.weight;
         if (advance) cw.palette = r.palette;
         break;
       }
       case TrainMethod::kHardKMeans:
         if (advance) cw.palette = lloyd_update(w, cw.palette, cw.cfg, cw.scale, cw.importance);
-        out[cw.name] = hard_assign(w, cw.palette, cw.cfg, cw.scale);
+        y = hard_assign(w, cw.palette, cw.cfg, cw.scale);
         break;
       case TrainMethod::kQAT:
-        out[cw.name] = fake_quantize(w.reshape({w.size(0), -1}), cw.grid, cw.cfg.bits).view(w.sizes());
+        y = fake_quantize(w.reshape({w.size(0), -1}), cw.grid, cw.cfg.bits).view(w.sizes());
         break;
     }
+    // Cast before the next matrix is clustered: autograd saves neither side of a cast, so the
+    // weight-precision result is freed here. The embedding table is read by a lookup, which
+    // autocast leaves in the weights' precision, and keeps it.
+    const bool cast = dtype != at::ScalarType::Undefined && cw.name != tensor_name::kEmbed;
+    out[cw.name] = cast ? y.to(dtype) : y;
   }
   return out;
 }

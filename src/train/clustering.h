@@ -64,7 +64,7 @@ struct ClusteredWeight {
   at::Tensor palette;  // [G, k, d], carried from step to step (QAT: derived from grid)
   at::Tensor scale;    // [rows] or undefined
   LearnedGrid grid;    // QAT only: the trainable scale and zero point per row
-  at::Tensor importance;  // weight-shaped, weighing the centroid updates; or undefined
+  Importance importance;  // weighing the centroid updates; or undefined
 };
 
 class Clustering {
@@ -91,8 +91,10 @@ class Clustering {
   // quantized weights of the baselines, with straight-through gradients), differentiable w.r.t.
   // the model's weights (and trainable()) when grad mode is on. With advance, each palette
   // becomes DKM's updated palette, or the Lloyd step's (once per optimizer step); evaluation
-  // passes advance = false.
-  WeightOverrides soft(const Llama& model, bool advance);
+  // passes advance = false. `dtype` (Undefined: the weights' own) is the soft projections' dtype
+  // (not the embedding table's): under bf16 autocast the forward reads them only as bf16, and
+  // made so one matrix at a time, the step holds 2 bytes per clustered weight for them, not 4.
+  WeightOverrides soft(const Llama& model, bool advance, at::ScalarType dtype = at::ScalarType::Undefined);
   // Hard assignment of every clustered weight, against its palette rounded to fp16 (the
   // precision palettes are stored in).
   std::vector<std::pair<std::string, Palettized>> palettize(const Llama& model) const;

@@ -354,6 +354,14 @@ class TrainingRun {
     return d;
   }
 
+  // The soft weights' dtype: the autocast dtype when the step's gradient w.r.t. them is one
+  // product made in it (one micro-batch on one learner), which wider storage would not make
+  // more precise; otherwise the weights' own, in which micro-batches and learners sum it.
+  at::ScalarType soft_dtype() const {
+    const bool autocast = o_.autocast != at::ScalarType::Undefined && model_.device().is_cuda();
+    return autocast && o_.grad_accum == 1 && world_ == 1 ? o_.autocast : at::ScalarType::Undefined;
+  }
+
   // DKM once per step. Micro-batches accumulate into leaf copies of the soft weights, so that
   // one backward through DKM (dkm_backward) carries their summed gradients to the weights.
   struct SoftWeights {
@@ -363,7 +371,7 @@ class TrainingRun {
     SoftWeights s;
     if (!clustering_) return s;
     try {
-      s.soft = clustering_->soft(model_, /*advance=*/true);
+      s.soft = clustering_->soft(model_, /*advance=*/true, soft_dtype());
     } catch (const std::invalid_argument&) {
       // DKM refuses non-finite weights: the previous step's update made them so.
       const std::string weight = non_finite_weight(model_, {});
