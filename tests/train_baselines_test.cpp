@@ -34,17 +34,49 @@ TEST(HardKMeans, LloydStepMovesEachCentroidToItsMembersMean) {
   EXPECT_TRUE(at::allclose(got, want, 1e-6, 1e-6)) << got;
 }
 
+// With a 16-bit cluster dtype the assignment runs over the distinct values; it equals the
+// export's per-weight assignment (palettize), with groups, per-row scales and a palette away
+// from its k-means start.
 TEST(HardKMeans, AssignmentIsNearestCentroidWithAStraightThroughGradient) {
-  DKMConfig cfg;
-  cfg.bits = 2;
   at::manual_seed(1);
-  const at::Tensor w = (at::randn({4, 8}) * 0.1).requires_grad_(true);
-  const at::Tensor palette = init_palette(w.detach(), cfg);
-  at::Tensor q = hard_assign(w, palette, cfg);
-  EXPECT_TRUE(at::equal(q.detach(), depalettize(palettize(w.detach(), palette, cfg))));
-  const at::Tensor up = at::randn({4, 8});
-  (q * up).sum().backward();
-  EXPECT_TRUE(at::equal(w.grad(), up));
+  for (int64_t group_size : {0, 4}) {
+    for (bool per_row_scale : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "group_size " << group_size << ", per_row_scale " << per_row_scale);
+      DKMConfig cfg;
+      cfg.bits = 2;
+      cfg.group_size = group_size;
+      cfg.per_row_scale = per_row_scale;
+      const at::Tensor w = (at::randn({8, 40}) * 0.1).requires_grad_(true);
+      const at::Tensor s = per_row_scale ? row_scales(w.detach()) : at::Tensor();
+      const at::Tensor palette = init_palette(w.detach(), cfg, s) * 1.1 + 0.01;
+      at::Tensor q = hard_assign(w, palette, cfg, s);
+      EXPECT_TRUE(at::equal(q.detach(), depalettize(palettize(w.detach(), palette, cfg, s))));
+      const at::Tensor up = at::randn(w.sizes());
+      (q * up).sum().backward();
+      EXPECT_TRUE(at::equal(w.grad(), up));
+    }
+  }
+}
+
+// The Lloyd step over the distinct values (16-bit cluster dtypes) equals the step over every
+// weight: the same bf16-exact weights clustered in fp32, where no rounding changes them, with
+// and without importances.
+TEST(HardKMeans, LloydStepOverDistinctValuesEqualsTheStepOverWeights) {
+  at::manual_seed(4);
+  const at::Tensor w = (at::randn({16, 64}) * 0.05).to(at::kBFloat16).to(at::kFloat);
+  const at::Tensor f = at::rand(w.sizes()).pow(4) * (at::rand(w.sizes()) > 0.1);
+  DKMConfig by_value;
+  by_value.bits = 3;
+  by_value.group_size = 4;
+  DKMConfig by_weight = by_value;
+  by_weight.cluster_dtype = ClusterDType::kFloat32;
+  const at::Tensor palette = init_palette(w, by_value) + 0.003;
+  const at::Tensor want = lloyd_update(w, palette, by_weight);
+  EXPECT_LE(test::rel_err(lloyd_update(w, palette, by_value), want), 1e-6);
+  EXPECT_FALSE(at::allclose(want, palette.to(at::kFloat)));
+  const at::Tensor weighted = lloyd_update(w, palette, by_weight, {}, Importance(f, w, by_weight));
+  EXPECT_LE(test::rel_err(lloyd_update(w, palette, by_value, {}, Importance(f, w, by_value)), weighted), 1e-6);
+  EXPECT_FALSE(at::allclose(weighted, want));
 }
 
 // LSQ+ under the straight-through rounding, per element with upstream gradient G, c the

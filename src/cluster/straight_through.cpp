@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "cluster/layout.h"
+#include "cluster/value_index.h"
 #include "cluster/uniform_grid.h"
 #include "common/error.h"
 
@@ -21,6 +22,31 @@ at::Tensor round_ste(const at::Tensor& x) { return straight_through(at::round(x.
 // The forward value of x, with its gradient multiplied by g (LSQ's gradient scale).
 at::Tensor scale_grad(const at::Tensor& x, double g) { return (x - x * g).detach() + x * g; }
 
+// For 16-bit scalar clustering the scaled, rounded weights take at most 65,536 values per
+// group, and a weight's nearest centroid depends only on its value: the nearest centroid of
+// each distinct value (over the pattern index that dkm() uses) serves every weight holding it.
+// A step then makes a few passes over the N weights, each without a factor k, instead of N x k
+// distances. The other layouts assign each weight (palettize()).
+bool by_value(const at::Tensor& weight, const detail::GroupLayout& layout, const DKMConfig& cfg) {
+  return detail::is_16bit(detail::rounding_dtype(weight, cfg.cluster_dtype)) && layout.dim == 1;
+}
+
+// argmin_j |v_u - c_j|^2 (- prune_threshold for j = 0) of values [G, U, 1] against palettes
+// [G, k, 1], as palettize() computes it: [G, U] (int64). In chunks of groups, so that the
+// [G, U, k] distances stay ~16 MB.
+at::Tensor nearest_centroid(const at::Tensor& values, const at::Tensor& C, const DKMConfig& cfg) {
+  const int64_t G = values.size(0), U = values.size(1), k = C.size(1);
+  at::Tensor out = at::empty({G, U}, values.options().dtype(at::kLong));
+  const int64_t step = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, U * k));
+  for (int64_t g0 = 0; g0 < G; g0 += step) {
+    const int64_t len = std::min(step, G - g0);
+    at::Tensor D = (values.narrow(0, g0, len) - C.narrow(0, g0, len).transpose(1, 2)).pow(2);
+    if (cfg.prune_threshold > 0) D.select(-1, 0).sub_(cfg.prune_threshold);
+    out.narrow(0, g0, len).copy_(D.argmin(-1));
+  }
+  return out;
+}
+
 }  // namespace
 
 at::Tensor lloyd_update(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
@@ -29,21 +55,33 @@ at::Tensor lloyd_update(const at::Tensor& weight, const at::Tensor& palette, con
   at::NoGradGuard no_grad;
   const GroupLayout layout = GroupLayout::of(weight, cfg);
   at::Tensor s = checked_scale(scale, layout, cfg, weight);
-  at::Tensor C = checked_palette(palette, layout, cfg, weight).to(at::kFloat);
-  const Palettized p = palettize(weight, C, cfg, s);
-  at::Tensor x = prepare(weight.detach(), layout, cfg, s).to(at::kFloat).reshape({-1, layout.dim});
+  const at::Tensor Cc = checked_palette(palette, layout, cfg, weight);  // in the compute dtype, as palettize()'s
+  const at::Tensor C = Cc.to(at::kFloat);
   const int64_t k = cfg.k();
-  // Slot of each vector: its group's first centroid + its index.
-  at::Tensor slot = p.indices.to(at::kLong).view({layout.groups, layout.vectors}) +
-                    at::arange(layout.groups, x.options().dtype(at::kLong)).unsqueeze(1) * k;
-  slot = slot.view({-1});
-  at::Tensor f = importance.defined()
-                     ? checked_importance(importance, layout, weight).reshape({-1}).to(at::kDouble)
-                     : at::ones({slot.size(0)}, x.options().dtype(at::kDouble));
+  // The points [G, M, d] (M: the distinct values, or the vectors), their weights [G, M] (counts
+  // or summed importances; per vector: importances or 1) and their nearest centroids [G, M].
+  at::Tensor x, f, nearest;
+  if (by_value(weight, layout, cfg)) {
+    const auto index = make_pattern_index(weight, layout, cfg, s);
+    x = index->values().to(at::kFloat);
+    nearest = nearest_centroid(index->values(), Cc, cfg);
+    f = importance.defined()
+            ? value_weights(*index, checked_importance(importance, layout, weight), layout, s, weight)
+            : index->counts();
+  } else {
+    x = prepare(weight.detach(), layout, cfg, s).to(at::kFloat);
+    nearest = palettize(weight, C, cfg, s).indices.to(at::kLong).view({layout.groups, layout.vectors});
+    f = importance.defined() ? checked_importance(importance, layout, weight)
+                             : at::ones({layout.groups, layout.vectors}, x.options());
+  }
+  // Slot of each point: its group's first centroid + its nearest.
+  const at::Tensor slot =
+      (nearest + at::arange(layout.groups, nearest.options()).unsqueeze(1) * k).view({-1});
+  const at::Tensor fd = f.to(at::kDouble).view({-1});
   at::Tensor sums = at::zeros({layout.groups * k, layout.dim}, x.options().dtype(at::kDouble));
-  sums.index_add_(0, slot, x.to(at::kDouble) * f.unsqueeze(1));
+  sums.index_add_(0, slot, x.reshape({-1, layout.dim}).to(at::kDouble) * fd.unsqueeze(1));
   at::Tensor counts = at::zeros({layout.groups * k}, x.options().dtype(at::kDouble));
-  counts.index_add_(0, slot, f);
+  counts.index_add_(0, slot, fd);
   at::Tensor means = (sums / at::where(counts > 0, counts, at::ones_like(counts)).unsqueeze(1)).to(at::kFloat);
   at::Tensor flat = C.reshape({-1, layout.dim});
   return at::where(counts.unsqueeze(1) > 0, means, flat).view(C.sizes());
@@ -51,10 +89,20 @@ at::Tensor lloyd_update(const at::Tensor& weight, const at::Tensor& palette, con
 
 at::Tensor hard_assign(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
                        const at::Tensor& scale) {
+  using namespace detail;
   at::Tensor q;
   {
     at::NoGradGuard no_grad;
-    q = depalettize(palettize(weight, palette, cfg, scale), weight.scalar_type());
+    const GroupLayout layout = GroupLayout::of(weight, cfg);
+    if (by_value(weight, layout, cfg)) {
+      const at::Tensor s = checked_scale(scale, layout, cfg, weight);
+      const at::Tensor C = checked_palette(palette, layout, cfg, weight);
+      const auto index = make_pattern_index(weight, layout, cfg, s);
+      const at::Tensor table = C.gather(1, nearest_centroid(index->values(), C, cfg).unsqueeze(-1));
+      q = index->emit(table.to(index->values().scalar_type()));
+    } else {
+      q = depalettize(palettize(weight, palette, cfg, scale), weight.scalar_type());
+    }
   }
   return straight_through(q, weight);
 }
