@@ -1,5 +1,7 @@
 #include "cluster/straight_through.h"
 
+#include <torch/csrc/autograd/custom_function.h>
+
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -16,11 +18,50 @@ namespace {
 // y in the forward pass exactly (x - x is exactly 0), with x's gradient in the backward.
 at::Tensor straight_through(const at::Tensor& y, const at::Tensor& x) { return y.detach() + (x - x.detach()); }
 
-// round(x) in the forward pass, the identity in the backward.
-at::Tensor round_ste(const at::Tensor& x) { return straight_through(at::round(x.detach()), x); }
+// A scale trained to 0 or below would divide by zero: it is held at this floor.
+constexpr double kScaleFloor = 1e-8;
 
-// The forward value of x, with its gradient multiplied by g (LSQ's gradient scale).
-at::Tensor scale_grad(const at::Tensor& x, double g) { return (x - x * g).detach() + x * g; }
+// LSQ+ fake quantization (Bhalgat et al. 2020) as one autograd node. Autograd through the
+// expression s (clamp(round(w / s + z), 0, 2^b - 1) - z) would save several weight-sized
+// intermediates (the quotient, the rounding, the clamp's masks) for every projection through
+// the step; this node saves the weight (the caller's tensor) and the grid, and its backward
+// recomputes v = w / s + z. With upstream gradient G, r = round(v), c = r - v (the rounding
+// residual) and Q = clamp(r, 0, 2^b - 1), differentiating w_q = s (Q - z) with the rounding
+// passed straight through:
+//   inside the grid (Q = r):  w_q = w + s c       dw = G,  ds = G c,        dz = 0
+//   clamped:                  w_q = s (Q - z)     dw = 0,  ds = G (Q - z),  dz = -G s
+// ds and dz are summed over each row and multiplied by LSQ's gradient scale
+// g = 1 / sqrt(cols (2^b - 1)); a scale below the floor receives none (the clamp).
+struct FakeQuantizeFunction : torch::autograd::Function<FakeQuantizeFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
+                            const at::Tensor& scale, const at::Tensor& zero, int64_t bits) {
+    ctx->save_for_backward({weight, scale, zero});
+    ctx->saved_data["bits"] = bits;
+    const at::Tensor s = scale.clamp_min(kScaleFloor).unsqueeze(1), z = zero.unsqueeze(1);
+    const at::Tensor q = at::round(weight.to(at::kFloat) / s + z).clamp_(0, max_level(bits));
+    return (s * (q - z)).to(weight.scalar_type());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &weight = saved[0], &scale = saved[1], &zero = saved[2];
+    const double maxq = max_level(ctx->saved_data["bits"].toInt());
+    const double g = 1.0 / std::sqrt(double(weight.size(1)) * maxq);
+    const at::Tensor G = grads[0].to(at::kFloat);
+    const at::Tensor s = scale.clamp_min(kScaleFloor).unsqueeze(1), z = zero.unsqueeze(1);
+    const at::Tensor v = weight.to(at::kFloat) / s + z;
+    const at::Tensor r = at::round(v);
+    const at::Tensor inside = (r >= 0).logical_and_(r <= maxq);
+    const at::Tensor none = at::zeros({}, G.options());
+    const at::Tensor dw = at::where(inside, G, none).to(weight.scalar_type());
+    const at::Tensor ds = at::where(inside, G * (r - v), G * (r.clamp(0, maxq) - z)).sum(1).mul_(g);
+    const at::Tensor dz = at::where(inside, none, -G * s).sum(1).mul_(g);
+    return {dw, at::where(scale >= kScaleFloor, ds, none), dz, at::Tensor()};
+  }
+
+  static double max_level(int64_t bits) { return double((int64_t(1) << bits) - 1); }
+};
 
 // For 16-bit scalar clustering the scaled, rounded weights take at most 65,536 values per
 // group, and a weight's nearest centroid depends only on its value: the nearest centroid of
@@ -118,25 +159,14 @@ LearnedGrid init_learned_grid(const at::Tensor& weight, int bits) {
 }
 
 at::Tensor fake_quantize(const at::Tensor& weight, const LearnedGrid& grid, int bits) {
-  const double maxq = double((1 << bits) - 1);
-  const double g = 1.0 / std::sqrt(double(weight.size(1)) * maxq);
-  // A scale trained to 0 or below would divide by zero: it is held at a small positive floor.
-  at::Tensor s = scale_grad(grid.scale, g).clamp_min(1e-8).unsqueeze(1);
-  at::Tensor z = scale_grad(grid.zero, g).unsqueeze(1);
-  at::Tensor w = weight.to(at::kFloat);
-  at::Tensor r = round_ste(w / s + z);
-  // The clamp as a selection: a rounded value in [0, maxq] passes with its gradient, one outside
-  // is replaced by the bound, a constant. (at::clamp's own derivative at the bounds differs
-  // between libtorch 1.x and 2.x: a value rounded onto a bound got no gradient in 2.x.)
-  at::Tensor q = at::where(r < 0, at::zeros_like(r), at::where(r > maxq, at::full_like(r, maxq), r));
-  return (s * (q - z)).to(weight.scalar_type());
+  return FakeQuantizeFunction::apply(weight, grid.scale, grid.zero, bits);
 }
 
 at::Tensor grid_palette(const LearnedGrid& grid, int bits) {
   at::NoGradGuard no_grad;
   const int64_t k = int64_t(1) << bits;
   at::Tensor j = at::arange(k, grid.scale.options().dtype(at::kFloat));
-  at::Tensor s = grid.scale.detach().clamp_min(1e-8).unsqueeze(1);
+  at::Tensor s = grid.scale.detach().clamp_min(kScaleFloor).unsqueeze(1);
   return (s * (j.unsqueeze(0) - grid.zero.detach().unsqueeze(1))).unsqueeze(2);
 }
 
