@@ -145,15 +145,21 @@ void report_plot(const std::vector<nlohmann::json>& results, const std::string& 
   double lo = 1e9, hi = 0;
   for (const auto& [method, pts] : by_method)
     for (const auto& pt : pts) lo = std::min(lo, std::get<0>(pt)), hi = std::max(hi, std::get<0>(pt));
+  // gnuplot cycles through 8 line colours; the 9th method on would repeat one. Each method also
+  // gets its own point shape, and from the 9th a dash pattern, so that no two look alike.
+  constexpr int kShapes[] = {7, 5, 9, 13, 11, 15};  // filled circle, square, triangles, diamond, pentagon
   std::string plot1, plot2;
+  int series = 0;
   for (auto& [method, pts] : by_method) {
     std::sort(pts.begin(), pts.end());
     std::string data;
     for (auto [b, p, a, e] : pts) data += fmt::format("{} {} {} {}\n", b, p, a, e);
     const std::string file = (dir / (method + ".dat")).string();
     write_file_atomic(file, data);
-    plot1 += fmt::format("{}'{}' using 1:2 with linespoints lw 2 pt 7 title '{}'", plot1.empty() ? "" : ", ", file, method);
-    plot2 += fmt::format("{}'{}' using 1:3:4 with yerrorlines lw 2 pt 7 title '{}'", plot2.empty() ? "" : ", ", file, method);
+    const std::string style = fmt::format("lw 2 pt {} ps 1.2 dt {}", kShapes[series % 6], 1 + series / 8);
+    ++series;
+    plot1 += fmt::format("{}'{}' using 1:2 with linespoints {} title '{}'", plot1.empty() ? "" : ", ", file, style, method);
+    plot2 += fmt::format("{}'{}' using 1:3:4 with yerrorlines {} title '{}'", plot2.empty() ? "" : ", ", file, style, method);
   }
   // Near-chance accuracies (small models) must look like what they are.
   if (!chance.empty())
