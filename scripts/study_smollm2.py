@@ -53,7 +53,8 @@ ap.add_argument("--calib-seq-len", type=int, default=512)
 ap.add_argument("--grid-group", type=int, default=128, help="RTN and GPTQ: weights per scale and zero point")
 ap.add_argument("--palette-args", default="--per-row-scale --group-size 16",
                 help="palette layout of every k-means method and DKM")
-ap.add_argument("--data", default=None, help="fine-tuning text for DKM (default: the C4 demo documents)")
+ap.add_argument("--data", default=None,
+                help="fine-tuning files for DKM, comma-separated: one mixture (default: the C4 demo documents)")
 ap.add_argument("--train-tokens", type=int, default=16384, help="DKM: tokens seen (steps = tokens / (batch * seq-len))")
 ap.add_argument("--seq-len", type=int, default=256)
 ap.add_argument("--batch", type=int, default=4)
@@ -62,7 +63,7 @@ ap.add_argument("--train-args", default="", help="more edkm compress flags (e.g.
 ap.add_argument("--threads", type=int, default=0, help="-t for every command (0: all cores)")
 args = ap.parse_args()
 calib = args.calib or os.path.join(args.assets, "calib", "c4_demo_300.jsonl")
-data = args.data or calib
+data = args.data.split(",") if args.data else [calib]
 os.makedirs(os.path.join(args.out, "models"), exist_ok=True)
 os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
 threads = ["-t", str(args.threads)] if args.threads else []
@@ -111,7 +112,8 @@ def compress_model(method, bits, name):
                "calib_tokens": r["calib_tokens"], "tokens_seen": 0}
     else:
         steps = max(1, args.train_tokens // (args.batch * args.seq_len))
-        cmd = base + ["compress", *threads, "--json", "-q", "-m", args.model, "-d", data, "-o", path, "--bits", str(bits),
+        data_flags = [flag for d in data for flag in ("-d", d)]
+        cmd = base + ["compress", *threads, "--json", "-q", "-m", args.model, *data_flags, "-o", path, "--bits", str(bits),
                       "--steps", str(steps), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                       "--lr", str(args.lr), "--warmup", str(max(1, steps // 10)), "--val-fraction", "0.02",
                       "--palette-init", "optimal", "--overwrite", *args.palette_args.split(), *args.train_args.split()]

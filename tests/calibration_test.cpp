@@ -215,7 +215,7 @@ TEST(QuantizeCli, CalibratedMethodsRunAndGptqBeatsRtn) {
 // One compress step on TinyStories (sequences of 64 tokens, 2% held out) from stories260K.
 CompressOptions tiny_run(const test::TempDir& tmp, const std::string& out) {
   CompressOptions o;
-  o.data_path = test::asset(kTinyStories);
+  o.data_paths = {test::asset(kTinyStories)};
   o.out = tmp / out;
   o.data.seq_len = 64;
   o.data.val_fraction = 0.02;
@@ -244,7 +244,7 @@ TEST(SensitiveKMeans, CompressStartsFromTheQuantizedPalettes) {
   LoadedModel b = load_model(test::asset(kStories));
   const CompressReport r = compress(b, o);
   LoadedModel skm = load_model(q.out);
-  const Dataset d = load_dataset(o.data_path, *skm.tokenizer, o.data);
+  const Dataset d = load_dataset(o.data_paths[0], *skm.tokenizer, o.data);
   EXPECT_NEAR(evaluate(skm.model, nullptr, d.val, o.train.eval_batch, static_cast<int>(skm.model.config().eos_id)),
               r.val_start, 1e-5);
   LoadedModel c = load_model(test::asset(kStories));

@@ -107,7 +107,7 @@ TEST_P(HfFamily, CompressRunsTheWholePipeline) {
   LoadedModel m = load_model(fixture(GetParam()));
   const nlohmann::json config = m.model.config().to_hf();
   CompressOptions o;
-  o.data_path = test::asset("eval/tinystories/val_a.txt");
+  o.data_paths = {test::asset("eval/tinystories/val_a.txt")};
   o.out = tmp / "m.edkm";
   o.plan.defaults.bits = 4;
   o.data.seq_len = 24;

@@ -175,7 +175,7 @@ TEST(TrainBaselines, SoftWeightsInBf16AreRoundedAndCarryTheSameGradient) {
 
 CompressOptions baseline_run(const test::TempDir& tmp, const std::string& out, TrainMethod method) {
   CompressOptions o;
-  o.data_path = test::asset("eval/tinystories/val_a.txt");
+  o.data_paths = {test::asset("eval/tinystories/val_a.txt")};
   o.out = tmp / out;
   o.method = method;
   o.plan.defaults.bits = 3;

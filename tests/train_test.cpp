@@ -110,6 +110,55 @@ TEST(Data, TextWindowsAndHeldOutTail) {
   for (int64_t i = 0; i < 50; ++i) EXPECT_EQ(c[i], i);
 }
 
+TEST(Data, MixtureHoldsOutEachFileOnItsOwn) {
+  test::TempDir tmp;
+  std::string jsonl;
+  const std::vector<std::string> outputs = {"Hi", "Bye", "Yes", "No"};
+  for (const auto& out : outputs) jsonl += R"({"instruction": "Answer.", "input": "", "output": ")" + out + "\"}\n";
+  write_file_atomic(tmp / "a.jsonl", jsonl);
+  const std::string line = "Once upon a time there was a cat.\n";
+  std::string text;
+  for (int i = 0; i < 120; ++i) text += line;
+  write_file_atomic(tmp / "t.txt", text);
+  auto tok = load_tokenizer(test::asset("models/stories260K/tok512.bin"), 512);
+  DataOptions o;
+  o.seq_len = 128;  // longer than the Alpaca prompt
+  o.val_fraction = 0.25;
+  const Dataset d = load_datasets({tmp / "a.jsonl", tmp / "t.txt"}, *tok, o);
+  // The Alpaca file's last quarter (one example) and the text's last quarter (30 lines) are
+  // held out, each as if it were trained on alone; the training part of each comes first in
+  // the order given.
+  const std::string prompt = alpaca_prompt("Answer.", "");
+  auto alpaca_inputs = [&](const std::string& out) {
+    std::vector<int> full = tok->encode(prompt + out, true, true);
+    return std::vector<int>(full.begin(), full.end() - 1);
+  };
+  std::string head, tail;
+  for (int i = 0; i < 90; ++i) head += line;
+  for (int i = 0; i < 30; ++i) tail += line;
+  const std::vector<int> ht = tok->encode(head, true, false), tt = tok->encode(tail, true, false);
+  const size_t head_windows = (ht.size() - 1 + 127) / 128, tail_windows = (tt.size() - 1 + 127) / 128;
+  ASSERT_EQ(d.train.size(), 3 + head_windows);
+  ASSERT_EQ(d.val.size(), 1 + tail_windows);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(d.train[i].tokens, alpaca_inputs(outputs[i])) << i;
+  EXPECT_EQ(d.val[0].tokens, alpaca_inputs("No"));
+  EXPECT_EQ(d.train[3].tokens, std::vector<int>(ht.begin(), ht.begin() + 128));
+  EXPECT_EQ(d.train[3].labels, std::vector<int>(ht.begin() + 1, ht.begin() + 129));  // every token scored
+  EXPECT_EQ(d.val.back().labels.back(), tt.back());
+  EXPECT_EQ(d.kind, "alpaca + text");
+  // The mixture's identity (checked on --resume) depends on the files and their order; one file
+  // is that file's dataset.
+  EXPECT_NE(d.digest, load_datasets({tmp / "t.txt", tmp / "a.jsonl"}, *tok, o).digest);
+  EXPECT_EQ(load_datasets({tmp / "t.txt"}, *tok, o).digest, load_dataset(tmp / "t.txt", *tok, o).digest);
+  // A missing second file is named.
+  try {
+    load_datasets({tmp / "a.jsonl", tmp / "missing.json"}, *tok, o);
+    FAIL() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("missing.json: data file not found"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Schedule, WarmupThenCosine) {
   TrainOptions o;
   o.lr = 1.0;
@@ -152,7 +201,7 @@ TEST(Plan, RulesSelectSkipAndOverride) {
 
 CompressOptions small_run(const test::TempDir& tmp, const std::string& out) {
   CompressOptions o;
-  o.data_path = test::asset("eval/tinystories/val_a.txt");
+  o.data_paths = {test::asset("eval/tinystories/val_a.txt")};
   o.out = tmp / out;
   o.plan.defaults.bits = 3;
   o.data.seq_len = 64;
@@ -257,7 +306,7 @@ TEST(Compress, AlpacaEndToEnd) {
   test::TempDir tmp;
   LoadedModel m = load_model(test::asset(kStories));
   CompressOptions o = small_run(tmp, "alpaca.edkm");
-  o.data_path = test::asset("finetune/alpaca_small_2000.json");
+  o.data_paths = {test::asset("finetune/alpaca_small_2000.json")};
   o.data.seq_len = 256;  // the 512-token vocabulary spends ~100 tokens on the prompt alone
   o.data.val_fraction = 0.05;
   o.train.steps = 4;

@@ -41,7 +41,10 @@ void register_compress(CLI::App& app) {
   auto dist_backend = std::make_shared<std::string>("auto");
   auto autocast = std::make_shared<std::string>("auto");
   add_model_args(cmd, *args);
-  cmd->add_option("-d,--data", o->data_path, "Alpaca JSON/JSONL or plain text")->required();
+  cmd->add_option("-d,--data", o->data_paths,
+                  "Alpaca JSON/JSONL, {\"text\"} documents (C4) or plain text; several files (-d A -d B) "
+                  "are one mixture, each held out on its own")
+      ->required();
   cmd->add_option("-o,--out", o->out, "Compressed model file to write")->required();
   // clustering: every DKM setting (cluster/settings.h), then which weights
   add_dkm_options(cmd, o->plan.defaults);
@@ -149,7 +152,7 @@ void register_compress(CLI::App& app) {
     if (o->train.checkpoint_path.empty()) o->train.checkpoint_path = o->out + ".ckpt";
     if (o->train.metrics_path.empty()) o->train.metrics_path = o->out + ".metrics.jsonl";
     std::vector<InputPath> inputs = model_inputs(*args);
-    inputs.push_back({"-d", o->data_path});
+    for (const std::string& path : o->data_paths) inputs.push_back({"-d", path});
     inputs.push_back({"--config", *config});
     inputs.push_back({"--sensitive-init", o->sensitive_init});
     check_outputs_distinct({o->out, o->train.checkpoint_path, o->train.metrics_path}, inputs);

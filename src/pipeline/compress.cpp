@@ -17,7 +17,7 @@ namespace {
 // compress() proper; the public function adds the clean-up of a run that fails.
 CompressReport run_compress(LoadedModel& m, const CompressOptions& o) {
   if (!m.tokenizer) throw_input("compress needs a tokenizer for the data");
-  Dataset data = load_dataset(o.data_path, *m.tokenizer, o.data);
+  Dataset data = load_datasets(o.data_paths, *m.tokenizer, o.data);
   CompressReport r;
   r.out = o.out;
   r.method = o.cluster ? to_string(o.method) : "fine-tuned";

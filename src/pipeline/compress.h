@@ -6,6 +6,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include <string>
+#include <vector>
 
 #include "format/size.h"
 #include "pipeline/load.h"
@@ -24,7 +25,7 @@ struct CompressOptions {
     plan.defaults.bits = 3;
     train.lr = 1e-3;
   }
-  std::string data_path;
+  std::vector<std::string> data_paths;  // one file, or a mixture (load_datasets)
   std::string out;
   ClusteringPlan plan;
   DataOptions data;

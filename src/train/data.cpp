@@ -222,6 +222,25 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
   return d;
 }
 
+Dataset load_datasets(const std::vector<std::string>& paths, const Tokenizer& tok, const DataOptions& opts) {
+  if (paths.empty()) throw_invalid("no data file given");
+  if (paths.size() == 1) return load_dataset(paths[0], tok, opts);
+  Dataset mix;
+  Checksum sum;
+  for (const std::string& path : paths) {
+    Dataset d = load_dataset(path, tok, opts);
+    mix.source += (mix.source.empty() ? "" : " + ") + d.source;
+    mix.kind += (mix.kind.empty() ? "" : " + ") + d.kind;
+    sum.update(d.digest);  // the mixture's identity: its files' contents, in order
+    mix.train.insert(mix.train.end(), std::make_move_iterator(d.train.begin()), std::make_move_iterator(d.train.end()));
+    mix.val.insert(mix.val.end(), std::make_move_iterator(d.val.begin()), std::make_move_iterator(d.val.end()));
+    mix.truncated += d.truncated;
+    mix.dropped += d.dropped;
+  }
+  mix.digest = Checksum::format(sum.digest());
+  return mix;
+}
+
 Batch make_batch(const std::vector<Example>& data, const std::vector<int64_t>& indices, int pad_id) {
   int64_t T = 0;
   for (int64_t i : indices) T = std::max<int64_t>(T, data[i].tokens.size());

@@ -53,6 +53,14 @@ std::string alpaca_prompt(const std::string& instruction, const std::string& inp
 // from which no training example survives.
 Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOptions& opts);
 
+// Several data files as one mixture, as Hugging Face's concatenate_datasets makes it: each file
+// is read, held out and windowed on its own (load_dataset, so an Alpaca file keeps its
+// response-only loss beside a C4 file's every-token loss), and the training and held-out
+// examples are the files' concatenations, in the order given. Training draws uniformly from the
+// union, so a file's share of the steps is its share of the training examples. One path is
+// load_dataset itself (the same digest, so checkpoints of single-file runs resume).
+Dataset load_datasets(const std::vector<std::string>& paths, const Tokenizer& tok, const DataOptions& opts);
+
 // A batch of examples, right-padded to the longest with pad_id (labels kIgnoreIndex).
 struct Batch {
   at::Tensor tokens;  // [B, T] int64
