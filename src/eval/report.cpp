@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <iterator>
 #include <map>
 #include <set>
 
@@ -156,7 +157,7 @@ void report_plot(const std::vector<nlohmann::json>& results, const std::string& 
     for (auto [b, p, a, e] : pts) data += fmt::format("{} {} {} {}\n", b, p, a, e);
     const std::string file = (dir / (method + ".dat")).string();
     write_file_atomic(file, data);
-    const std::string style = fmt::format("lw 2 pt {} ps 1.2 dt {}", kShapes[series % 6], 1 + series / 8);
+    const std::string style = fmt::format("lw 2 pt {} ps 1.2 dt {}", kShapes[series % std::size(kShapes)], 1 + series / 8);
     ++series;
     plot1 += fmt::format("{}'{}' using 1:2 with linespoints {} title '{}'", plot1.empty() ? "" : ", ", file, style, method);
     plot2 += fmt::format("{}'{}' using 1:3:4 with yerrorlines {} title '{}'", plot2.empty() ? "" : ", ", file, style, method);
