@@ -56,6 +56,11 @@ void expect_methods_agree(const at::Tensor& w, const DKMConfig& base, const std:
     EXPECT_LE(rel_err(u.out, d.out), tol);
     EXPECT_LE(rel_err(u.palette, d.palette), tol);
     EXPECT_LE(rel_err(u.grad, d.grad), tol);
+    // The same DKM deferred: w~ made without a graph, dL/dw~ carried back afterwards.
+    const DeferredDKM later(w, palette, c, scale, importance.defined() ? Importance(importance, w, c) : Importance());
+    EXPECT_LE(rel_err(later.weight(), d.out), tol);
+    EXPECT_LE(rel_err(later.palette(), d.palette), tol);
+    EXPECT_LE(rel_err(later.backward(R), d.grad), tol);
   }
 }
 
@@ -310,6 +315,45 @@ TEST(DKM, UniqueMethodSavesNothingWeightSized) {
       // The dense formulation keeps several N x k fp32 tensors per iteration.
       EXPECT_GT(saved, n * cfg.k() * 4 * cfg.max_iters) << saved;
     }
+  }
+}
+
+// DeferredDKM for every method against dkm() with autograd, and what it holds: nothing
+// weight-sized with the pattern index, however often w~ is made; a weight modified after it
+// ran is refused.
+TEST(DKM, DeferredEqualsDkmAndHoldsNothingWeightSized) {
+  TensorMemory::install();
+  at::manual_seed(10);
+  DKMConfig cfg;
+  cfg.bits = 3;
+  for (DKMMethod m : {DKMMethod::kAuto, DKMMethod::kUnique, DKMMethod::kDense, DKMMethod::kEDKM}) {
+    SCOPED_TRACE(to_string(m));
+    cfg.method = m;
+    at::Tensor w = (at::randn({96, 64}) * 0.02).requires_grad_(true);
+    const at::Tensor p = init_palette(w, cfg), R = at::randn(w.sizes());
+    DKMResult r = dkm(w, p, cfg);
+    r.weight.backward(R);
+    const DeferredDKM later(w, p, cfg);
+    EXPECT_FALSE(later.weight().requires_grad());
+    EXPECT_TRUE(at::equal(later.weight(), r.weight.detach()));
+    EXPECT_TRUE(at::equal(later.palette(), r.palette));
+    // The backward is linear: two halves of the upstream gradient give the sum's.
+    EXPECT_LE(rel_err(later.backward(R), w.grad()), 1e-6);
+    EXPECT_LE(rel_err(later.backward(0.5 * R) + later.backward(0.5 * R), w.grad()), 1e-6);
+    at::NoGradGuard no_grad;
+    w.add_(1e-3);
+    EXPECT_THROW(later.weight(), std::logic_error);
+    EXPECT_THROW(later.backward(R), std::logic_error);
+  }
+  at::Tensor big = (at::randn({4096, 4096}) * 0.02).to(at::kBFloat16);
+  cfg.method = DKMMethod::kAuto;
+  const at::Tensor p = init_palette(big, cfg);
+  const int64_t before = TensorMemory::current();
+  {
+    const DeferredDKM later(big, p, cfg);
+    EXPECT_LT(TensorMemory::current() - before, big.numel() * big.element_size() / 20);
+    const at::Tensor made = later.weight();  // the caller's, while it keeps it
+    EXPECT_LT(TensorMemory::current() - before - made.numel() * made.element_size(), big.numel() * big.element_size() / 20);
   }
 }
 

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 
@@ -171,12 +172,19 @@ TEST(Model, KVCacheMatchesFullForward) {
   EXPECT_THROW(m.forward(x, cache), std::invalid_argument);  // 20 more tokens do not fit
 }
 
-TEST(Model, GradientsMatchFiniteDifferencesAndCheckpointing) {
+// A two-layer fp64 model (GQA, untied classifier) whose weights require grad, off their random
+// initialisation so that no gradient vanishes.
+Llama tiny_trainable_model(uint64_t seed) {
   LlamaConfig c;
   c.dim = 8, c.hidden_dim = 12, c.n_layers = 2, c.n_heads = 2, c.n_kv_heads = 1, c.vocab_size = 11, c.max_seq_len = 16;
   c.tie_embeddings = false;
-  Llama m = Llama::random(c, at::kDouble, 2);
+  Llama m = Llama::random(c, at::kDouble, seed);
   for (auto& [name, t] : m.weights()) t = (t + 0.1 * at::randn_like(t)).requires_grad_(true);
+  return m;
+}
+
+TEST(Model, GradientsMatchFiniteDifferencesAndCheckpointing) {
+  Llama m = tiny_trainable_model(2);
   at::Tensor x = at::randint(0, 11, {2, 6}, at::kLong), y = at::randint(0, 11, {2, 6}, at::kLong);
   auto loss = [&](bool ckpt) {
     ForwardOptions o;
@@ -200,6 +208,49 @@ TEST(Model, GradientsMatchFiniteDifferencesAndCheckpointing) {
       t.view({-1})[i] = v;
       EXPECT_NEAR(grads[name].view({-1})[i].item<double>(), (up - down) / (2 * h), 1e-7) << name << "[" << i << "]";
     }
+  }
+}
+
+// A WeightSource makes its weights inside each layer: the loss and every gradient equal those
+// of the same weights passed as overrides, with and without checkpointing, and a checkpointed
+// layer makes them again when it is recomputed (and so holds none between its forward and
+// backward).
+TEST(Model, WeightSourceEqualsOverridesAndIsRemadeInRecomputation) {
+  Llama m = tiny_trainable_model(5);
+  const std::vector<std::string> made_names{"model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                                            "model.embed_tokens.weight", "lm_head.weight"};
+  struct Square : WeightSource {
+    std::vector<std::string> names;
+    mutable int calls = 0;
+    bool provides(const std::string& n) const override { return std::count(names.begin(), names.end(), n) > 0; }
+    at::Tensor weight(const std::string&, const at::Tensor& w) const override {
+      ++calls;
+      return w * w;
+    }
+  } square;
+  square.names = made_names;
+  at::Tensor x = at::randint(0, 11, {2, 6}, at::kLong), y = at::randint(0, 11, {2, 6}, at::kLong);
+  auto grads = [&](const ForwardOptions& o) {
+    next_token_loss(m.forward(x, o), y).backward();
+    std::map<std::string, at::Tensor> g;
+    for (auto& [name, t] : m.weights()) g[name] = t.grad().clone(), t.mutable_grad() = at::Tensor();
+    return g;
+  };
+  WeightOverrides ov;
+  for (const auto& n : made_names) ov[n] = m.weight(n) * m.weight(n);
+  ForwardOptions ref;
+  ref.overrides = &ov;
+  const auto want = grads(ref);
+  for (bool ckpt : {false, true}) {
+    SCOPED_TRACE(ckpt ? "checkpointed" : "plain");
+    ForwardOptions o;
+    o.source = &square;
+    o.checkpoint_layers = ckpt;
+    square.calls = 0;
+    const auto got = grads(o);
+    for (const auto& [name, g] : want) EXPECT_LE(test::rel_err(got.at(name), g), 1e-12) << name;
+    // The embedding table and the classifier once; each layer's projection once more per recomputation.
+    EXPECT_EQ(square.calls, ckpt ? 2 + 2 * 2 : 4);
   }
 }
 

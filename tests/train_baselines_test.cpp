@@ -139,37 +139,71 @@ TEST(QAT, StartsAtRtnAndExportsWhatItTrained) {
 // autocast) are the fp32 soft weights rounded once, the embedding table excepted, and carry a
 // bf16 upstream gradient to the model's weights exactly as the fp32 ones do, since a cast's
 // backward is exact.
-TEST(TrainBaselines, SoftWeightsInBf16AreRoundedAndCarryTheSameGradient) {
+// The trainer's layer-by-layer soft weights (Clustering::step) against autograd through dkm()
+// and the straight-through functions applied to every clustered weight at once: the same
+// weights (rounded to bf16 when asked), and, with each weight used twice and its two upstream
+// gradients summed in its .grad, the same gradient w.r.t. the weights after backward().
+TEST(TrainBaselines, StepWeightsMatchAutogradThroughTheSoftWeights) {
   for (TrainMethod method : {TrainMethod::kDKM, TrainMethod::kHardKMeans, TrainMethod::kQAT}) {
-    SCOPED_TRACE(to_string(method));
-    LoadedModel m = load_model(test::asset(kStories));
-    ClusteringPlan plan;
-    plan.defaults.bits = 3;
-    plan.include_embeddings = true;
-    Clustering c(m.model, plan.resolve(m.model), method);
-    for (auto& [name, w] : m.model.weights()) w.requires_grad_(true);
-    at::manual_seed(3);
-    std::map<std::string, at::Tensor> upstream;
-    for (const auto& cw : c.weights())
-      upstream[cw.name] = at::randn(m.model.weight(cw.name).sizes()).to(at::kBFloat16).to(at::kFloat);
-    auto weight_grads = [&](const WeightOverrides& soft) {
-      for (auto& [name, w] : m.model.weights()) w.mutable_grad() = at::Tensor();
-      for (const auto& [name, y] : soft) y.backward(upstream.at(name).to(y.scalar_type()));
-      std::map<std::string, at::Tensor> g;
-      for (const auto& [name, y] : soft) g[name] = m.model.weight(name).grad().clone();
-      return g;
-    };
-    const WeightOverrides full = c.soft(m.model, /*advance=*/false);
-    const WeightOverrides half = c.soft(m.model, /*advance=*/false, at::kBFloat16);
-    ASSERT_EQ(full.size(), half.size());
-    for (const auto& [name, y] : full) {
-      const bool table = name == tensor_name::kEmbed;
-      EXPECT_EQ(half.at(name).scalar_type(), table ? at::kFloat : at::kBFloat16) << name;
-      EXPECT_TRUE(at::equal(half.at(name), table ? y : y.to(at::kBFloat16))) << name;
+    for (at::ScalarType dtype : {at::ScalarType::Undefined, at::kBFloat16}) {
+      SCOPED_TRACE(to_string(method) + (dtype == at::kBFloat16 ? " bf16" : " fp32"));
+      LoadedModel m = load_model(test::asset(kStories));
+      ClusteringPlan plan;
+      plan.defaults.bits = 3;
+      plan.include_embeddings = true;
+      Clustering c(m.model, plan.resolve(m.model), method);
+      for (auto& [name, w] : m.model.weights()) w.requires_grad_(true);
+      at::manual_seed(3);
+      // Two upstream gradients per weight, bf16-representable so that a bf16 backward is exact.
+      std::map<std::string, std::pair<at::Tensor, at::Tensor>> upstream;
+      auto draw = [](const at::Tensor& w) { return at::randn(w.sizes()).to(at::kBFloat16).to(at::kFloat); };
+      for (const auto& cw : c.weights()) {
+        const at::Tensor& w = m.model.weight(cw.name);
+        upstream[cw.name] = {draw(w), draw(w)};
+      }
+      auto grads = [&] {
+        std::map<std::string, at::Tensor> g;
+        for (const auto& cw : c.weights()) g[cw.name] = m.model.weight(cw.name).grad().clone();
+        for (auto& [name, w] : m.model.weights()) w.mutable_grad() = at::Tensor();
+        int i = 0;  // QAT's scales and zero points
+        for (at::Tensor t : c.trainable()) {
+          g["trainable " + std::to_string(i++)] = t.grad().clone();
+          t.mutable_grad() = at::Tensor();
+        }
+        return g;
+      };
+      WeightOverrides full;
+      for (const auto& cw : c.weights()) {
+        const at::Tensor& w = m.model.weight(cw.name);
+        switch (method) {
+          case TrainMethod::kDKM: full[cw.name] = dkm(w, cw.palette, cw.cfg, cw.scale).weight; break;
+          case TrainMethod::kHardKMeans: full[cw.name] = hard_assign(w, cw.palette, cw.cfg, cw.scale); break;
+          case TrainMethod::kQAT:
+            full[cw.name] = fake_quantize(w.reshape({w.size(0), -1}), cw.grid, cw.cfg.bits).view(w.sizes());
+            break;
+        }
+      }
+      for (const auto& [name, y] : full) y.backward(upstream.at(name).first + upstream.at(name).second);
+      const auto want = grads();
+
+      const StepWeights made = c.step(m.model, /*advance=*/false, dtype);
+      for (const auto& [name, y] : full) {
+        const bool cast = dtype != at::ScalarType::Undefined && name != tensor_name::kEmbed;
+        const at::Tensor& w = m.model.weight(name);
+        ASSERT_TRUE(made.provides(name)) << name;
+        for (bool first : {true, false}) {
+          at::Tensor z = made.weight(name, w);
+          EXPECT_EQ(z.scalar_type(), cast ? dtype : y.scalar_type()) << name;
+          EXPECT_TRUE(at::equal(z.detach(), cast ? y.detach().to(dtype) : y.detach())) << name;
+          const auto& [a, b] = upstream.at(name);
+          z.backward((first ? a : b).to(z.scalar_type()));
+        }
+      }
+      EXPECT_FALSE(made.provides("model.norm.weight"));
+      made.backward(m.model);
+      const auto got = grads();
+      for (const auto& [name, g] : want) EXPECT_LE(test::rel_err(got.at(name), g), 1e-6) << name;
     }
-    EXPECT_TRUE(half.count(tensor_name::kEmbed));
-    const auto want = weight_grads(full), got = weight_grads(half);
-    for (const auto& [name, g] : want) EXPECT_LE(test::rel_err(got.at(name), g), 1e-6) << name;
   }
 }
 

@@ -22,6 +22,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -152,6 +153,39 @@ struct DKMResult {
 // times the per-unit term. Not with method kEDKM.
 DKMResult dkm(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
               const at::Tensor& scale = {}, const Importance& importance = {});
+
+// dkm() for a training step that does not hold the soft-clustered weight between its uses.
+// The constructor runs the iterations (the palette update) once; weight() then makes w~, without
+// a graph, each time a layer needs it (its forward, and its recomputation when the layer is
+// checkpointed); backward() carries dL/dw~, summed over every use of w~ in the step
+// (micro-batches, learners), through DKM to dL/dw. One backward of the sum equals the sum of
+// the backwards because DKM's backward is linear in dL/dw~ and its Jacobian depends only on the
+// weight and the starting palette, the same at every use.
+// What is held in between: for the unique-value methods (kAuto, kUnique), the value index and
+// the O(U k T) iteration state, so with the pattern index (16-bit cluster dtype, scalar
+// clustering) nothing N-sized; for kDense and kEDKM, w~ and its graph, as dkm() would.
+// The weight must not change before backward() (std::logic_error otherwise); the arguments are
+// checked as dkm() checks them.
+class DeferredDKM {
+ public:
+  DeferredDKM(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
+              const at::Tensor& scale = {}, const Importance& importance = {});
+  ~DeferredDKM();
+  DeferredDKM(DeferredDKM&&) noexcept;
+  DeferredDKM& operator=(DeferredDKM&&) noexcept;
+
+  // [G, k, d] after the updates, detached: DKMResult::palette.
+  const at::Tensor& palette() const { return palette_; }
+  // w~ = DKMResult::weight, without a graph: shape, dtype and device of the weight.
+  at::Tensor weight() const;
+  // dL/dw (the weight's dtype and shape) from dL/dw~ (the weight's shape, any float dtype).
+  at::Tensor backward(const at::Tensor& grad) const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+  at::Tensor palette_;
+};
 
 // Hard assignment: the nearest centroid of each (scaled, rounded) weight or vector.
 struct Palettized {

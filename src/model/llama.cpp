@@ -23,6 +23,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <array>
 #include <cmath>
 #include <functional>
 
@@ -152,6 +153,28 @@ LayerParams pass_params(const LayerWeights& L, const WeightOverrides* ov) {
   return {t(L.attn_norm), t(L.q_norm), t(L.k_norm), t(L.mlp_norm), p(L.q),  p(L.k),
           p(L.v),         p(L.o),      p(L.gate),   p(L.up),       p(L.down)};
 }
+
+// The projections of one layer that a WeightSource makes: those it provides that the pass does
+// not override, by slot (q, k, v, o, gate, up, down). Applied inside the layer function, so that
+// a checkpointed layer makes them again when it is recomputed.
+struct Sourced {
+  const WeightSource* source = nullptr;
+  std::array<const std::string*, 7> names{};  // null: the pass's own tensor
+
+  Sourced(const LayerWeights& L, const WeightSource* src, const WeightOverrides* ov) : source(src) {
+    if (!src) return;
+    const BoundLinear* b[] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
+    for (size_t i = 0; i < names.size(); ++i) {
+      const std::string& n = b[i]->weight.name;
+      if (b[i]->weight && src->provides(n) && !(ov && ov->count(n))) names[i] = &n;
+    }
+  }
+  void apply(LayerParams& p) const {
+    Proj* projs[] = {&p.q, &p.k, &p.v, &p.o, &p.gate, &p.up, &p.down};
+    for (size_t i = 0; i < names.size(); ++i)
+      if (names[i] && projs[i]->w.defined()) projs[i]->w = source->weight(*names[i], projs[i]->w);
+  }
+};
 
 // A decoder layer. cache_k/cache_v ([B, n_kv, capacity, d]) are defined when decoding
 // incrementally; `pos` is then the position of the first of the T new tokens.
@@ -390,11 +413,16 @@ at::Tensor Llama::run(const at::Tensor& tokens, const ForwardOptions& opts, KVCa
   if (pos + T > cfg_.max_seq_len)
     throw_invalid("sequence of {} tokens exceeds the model's context of {}", pos + T, cfg_.max_seq_len);
   const WeightOverrides* ov = opts.overrides;
-  at::Tensor h = at::embedding(pass_tensor(embed_, ov), tokens);
+  const WeightSource* src = opts.source;
+  auto sourced = [&](const BoundWeight& b, at::Tensor t) {
+    return src && t.defined() && src->provides(b.name) && !(ov && ov->count(b.name)) ? src->weight(b.name, t) : t;
+  };
+  at::Tensor h = at::embedding(sourced(embed_, pass_tensor(embed_, ov)), tokens);
   auto [cos, sin] = rope_tables(cfg_, pos, T, h.options());
 
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
     LayerParams p = pass_params(layers_[l], ov);
+    const Sourced made(layers_[l], src, ov);
     at::Tensor ck = cache ? cache->k[l] : at::Tensor(), cv = cache ? cache->v[l] : at::Tensor();
     if (opts.checkpoint_layers && !cache && !p.any_kernel() && at::GradMode::is_enabled()) {
       // The layer's defined tensors travel as a flat list; `present` puts them back in place.
@@ -406,22 +434,26 @@ at::Tensor Llama::run(const at::Tensor& tokens, const ForwardOptions& opts, KVCa
       });
       auto fn = c10::make_intrusive<LayerFnHolder>();
       const LlamaConfig& c = cfg_;
-      fn->fn = [&c, present, cos = cos, sin = sin](const at::Tensor& x, const std::vector<at::Tensor>& t) {
+      fn->fn = [&c, present, made, cos = cos, sin = sin](const at::Tensor& x, const std::vector<at::Tensor>& t) {
         LayerParams q;
         size_t slot = 0, next = 0;
         q.for_each([&](at::Tensor& dst) {
           if (present[slot++]) dst = t[next++];
         });
+        made.apply(q);
         return decoder_layer(c, x, q, cos, sin, {}, {}, 0);
       };
       // Passed as a TensorList so that autograd sees (and routes gradients to) each weight.
       h = CheckpointedLayer::apply(h, at::TensorList(ws), fn);
     } else {
+      made.apply(p);
       h = decoder_layer(cfg_, h, p, cos, sin, ck, cv, pos);
     }
   }
   h = rms_norm(h, pass_tensor(final_norm_, ov), cfg_.norm_eps);
-  return pass_proj(BoundLinear{classifier_, {}}, ov)(h);
+  Proj classifier = pass_proj(BoundLinear{classifier_, {}}, ov);
+  classifier.w = sourced(classifier_, classifier.w);
+  return classifier(h);
 }
 
 at::Tensor Llama::embed(const at::Tensor& tokens) const {

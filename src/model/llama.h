@@ -33,10 +33,24 @@ class LinearKernel {
   virtual at::Tensor dense(at::ScalarType dtype) const = 0;
 };
 
+// Weights made from the model's own where a decoder layer needs them: DKM's soft-clustered
+// weights, one layer at a time (and again when a checkpointed layer is recomputed), so that a
+// training step holds one layer's of them rather than every layer's.
+class WeightSource {
+ public:
+  virtual ~WeightSource() = default;
+  virtual bool provides(const std::string& name) const = 0;
+  // The tensor to compute with in place of the model's weight `w` (named `name`), differentiable
+  // w.r.t. w.
+  virtual at::Tensor weight(const std::string& name, const at::Tensor& w) const = 0;
+};
+
 struct ForwardOptions {
   const WeightOverrides* overrides = nullptr;
   // Recompute each decoder layer in backward instead of keeping its activations.
   bool checkpoint_layers = false;
+  // Applied to the weights it provides (and that are not overridden), inside each layer.
+  const WeightSource* source = nullptr;
 };
 
 // Keys and values of every layer for incremental decoding.

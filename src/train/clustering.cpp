@@ -1,6 +1,7 @@
 #include "train/clustering.h"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -153,33 +154,80 @@ std::vector<at::Tensor> Clustering::trainable() const {
   return out;
 }
 
-WeightOverrides Clustering::soft(const Llama& model, bool advance, at::ScalarType dtype) {
-  WeightOverrides out;
+namespace {
+
+// A straight-through baseline's weight: the hard-assigned or the fake-quantized w.
+at::Tensor straight_through(TrainMethod method, const ClusteredWeight& cw, const at::Tensor& w) {
+  if (method == TrainMethod::kHardKMeans) return hard_assign(w, cw.palette, cw.cfg, cw.scale);
+  return fake_quantize(w.reshape({w.size(0), -1}), cw.grid, cw.cfg.bits).view(w.sizes());
+}
+
+// The embedding table is read by a lookup, which autocast leaves in the weights' precision.
+bool cast_to(at::ScalarType dtype, const std::string& name) {
+  return dtype != at::ScalarType::Undefined && name != tensor_name::kEmbed;
+}
+
+// y, made without a graph, as the output of a node that passes its gradient to w unchanged
+// (in w's dtype): where the step's soft weights enter its graph.
+struct ToWeight : torch::autograd::Function<ToWeight> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& w, const at::Tensor& y) {
+    ctx->saved_data["dtype"] = static_cast<int64_t>(w.scalar_type());
+    return y;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    return {grads[0].to(dtype), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+StepWeights Clustering::step(const Llama& model, bool advance, at::ScalarType dtype) {
+  StepWeights s;
+  s.method_ = method_;
+  s.dtype_ = dtype;
+  at::NoGradGuard no_grad;
   for (auto& cw : weights_) {
     const at::Tensor& w = model.weight(cw.name);
-    at::Tensor y;
-    switch (method_) {
-      case TrainMethod::kDKM: {
-        DKMResult r = dkm(w, cw.palette, cw.cfg, cw.scale, cw.importance);
-        y = r.weight;
-        if (advance) cw.palette = r.palette;
-        break;
-      }
-      case TrainMethod::kHardKMeans:
-        if (advance) cw.palette = lloyd_update(w, cw.palette, cw.cfg, cw.scale, cw.importance);
-        y = hard_assign(w, cw.palette, cw.cfg, cw.scale);
-        break;
-      case TrainMethod::kQAT:
-        y = fake_quantize(w.reshape({w.size(0), -1}), cw.grid, cw.cfg.bits).view(w.sizes());
-        break;
+    StepWeights::Entry e{&cw, nullptr};
+    if (method_ == TrainMethod::kDKM) {
+      e.dkm = std::make_shared<const DeferredDKM>(w, cw.palette, cw.cfg, cw.scale, cw.importance);
+      if (advance) cw.palette = e.dkm->palette();
+    } else if (advance && method_ == TrainMethod::kHardKMeans) {
+      cw.palette = lloyd_update(w, cw.palette, cw.cfg, cw.scale, cw.importance);
     }
-    // Cast before the next matrix is clustered: autograd saves neither side of a cast, so the
-    // weight-precision result is freed here. The embedding table is read by a lookup, which
-    // autocast leaves in the weights' precision, and keeps it.
-    const bool cast = dtype != at::ScalarType::Undefined && cw.name != tensor_name::kEmbed;
-    out[cw.name] = cast ? y.to(dtype) : y;
+    s.entries_[cw.name] = std::move(e);
   }
-  return out;
+  return s;
+}
+
+at::Tensor StepWeights::made(const Entry& e, const at::Tensor& w) const {
+  at::NoGradGuard no_grad;
+  at::Tensor y = e.dkm ? e.dkm->weight() : straight_through(method_, *e.cw, w.detach());
+  return cast_to(dtype_, e.cw->name) ? y.to(dtype_) : y;
+}
+
+at::Tensor StepWeights::weight(const std::string& name, const at::Tensor& w) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) throw_invalid("StepWeights: '{}' is not a clustered weight", name);
+  return ToWeight::apply(w, made(it->second, w));
+}
+
+void StepWeights::backward(Llama& model) const {
+  for (const auto& [name, e] : entries_) {
+    at::Tensor& w = model.weights().at(name);
+    const at::Tensor g = w.grad();
+    if (!g.defined()) continue;  // the step did not use it
+    w.mutable_grad() = at::Tensor();
+    if (e.dkm) {
+      w.mutable_grad() = e.dkm->backward(g);
+    } else {
+      at::AutoGradMode grad_mode(true);
+      at::Tensor y = straight_through(method_, *e.cw, w);
+      y.backward(g.to(y.scalar_type()));
+    }
+  }
 }
 
 std::vector<std::pair<std::string, Palettized>> Clustering::palettize(const Llama& model) const {

@@ -18,8 +18,9 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include <map>
-
+#include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "cluster/cluster.h"
@@ -67,6 +68,43 @@ struct ClusteredWeight {
   Importance importance;  // weighing the centroid updates; or undefined
 };
 
+class Clustering;
+
+// The clustered weights of one training step, made where the layers need them (a WeightSource
+// for Llama::forward). Clustering::step() runs DKM's iterations (or the Lloyd step) once; each
+// layer then makes its soft-clustered weights from them, in its forward and again in its
+// recomputation under gradient checkpointing. The gradient w.r.t. a soft weight passes
+// straight into the model weight's own .grad, where micro-batches and data-parallel learners
+// sum it as they sum any gradient; backward() then carries each sum through DKM (through the
+// straight-through baselines) to the weight, once per step. DKM's backward is linear in the
+// gradient w.r.t. its output, so this equals backpropagating every use on its own.
+// With the pattern index (16-bit cluster dtype, scalar clustering) nothing of a clustered
+// weight's size outlives the layer that uses it: the step holds one layer's soft weights, not
+// every layer's (DeferredDKM).
+class StepWeights : public WeightSource {
+ public:
+  bool provides(const std::string& name) const override { return entries_.count(name) > 0; }
+  // The soft-clustered weight (hard-assigned, fake-quantized) of `name`, made from the state
+  // of step(), in the step's dtype; its gradient reaches `w` unchanged.
+  at::Tensor weight(const std::string& name, const at::Tensor& w) const override;
+  // Replaces each clustered weight's .grad (dL/dw~, summed) by dL/dw and gives trainable()
+  // theirs. Call once, after the gradients are summed and before the weights change.
+  void backward(Llama& model) const;
+
+ private:
+  friend class Clustering;
+  struct Entry {
+    const ClusteredWeight* cw = nullptr;
+    std::shared_ptr<const DeferredDKM> dkm;  // DKM only
+  };
+  // Without a graph.
+  at::Tensor made(const Entry& e, const at::Tensor& w) const;
+
+  TrainMethod method_ = TrainMethod::kDKM;
+  at::ScalarType dtype_ = at::ScalarType::Undefined;
+  std::unordered_map<std::string, Entry> entries_;
+};
+
 class Clustering {
  public:
   Clustering() = default;
@@ -87,14 +125,15 @@ class Clustering {
   std::vector<ClusteredWeight>& weights() { return weights_; }
   bool contains(const std::string& name) const;
 
-  // Soft-clustered weights w~ = DKM(w) for the forward pass (the hard-assigned or fake-
-  // quantized weights of the baselines, with straight-through gradients), differentiable w.r.t.
-  // the model's weights (and trainable()) when grad mode is on. With advance, each palette
-  // becomes DKM's updated palette, or the Lloyd step's (once per optimizer step); evaluation
-  // passes advance = false. `dtype` (Undefined: the weights' own) is the soft projections' dtype
-  // (not the embedding table's): under bf16 autocast the forward reads them only as bf16, and
-  // made so one matrix at a time, the step holds 2 bytes per clustered weight for them, not 4.
-  WeightOverrides soft(const Llama& model, bool advance, at::ScalarType dtype = at::ScalarType::Undefined);
+  // Soft-clustered weights w~ = DKM(w) (the hard-assigned or fake-quantized weights of the
+  // baselines, with straight-through gradients) for the forward passes of one training step or
+  // one evaluation, made layer by layer (StepWeights). With advance, each palette becomes DKM's
+  // updated palette, or the Lloyd step's (once per optimizer step); evaluation passes false.
+  // `dtype` (Undefined: the weights' own) is the soft projections' dtype (not the embedding
+  // table's, which a lookup reads in the weights' precision): under bf16 autocast the forward
+  // reads them only as bf16. The StepWeights refers to this Clustering and to the model's
+  // weights, which must not change before its backward().
+  StepWeights step(const Llama& model, bool advance, at::ScalarType dtype = at::ScalarType::Undefined);
   // Hard assignment of every clustered weight, against its palette rounded to fp16 (the
   // precision palettes are stored in).
   std::vector<std::pair<std::string, Palettized>> palettize(const Llama& model) const;

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string_view>
@@ -238,11 +239,14 @@ void keep_metrics_until(const std::string& path, int64_t step) {
 
 // The first weight (or soft-clustered weight) that holds NaN or Inf, as "weight 'X' holds NaN or
 // Inf"; "" when all are finite.
-std::string non_finite_weight(const Llama& model, const WeightOverrides& soft) {
+std::string non_finite_weight(const Llama& model, const StepWeights* made) {
+  at::NoGradGuard no_grad;
   auto bad = [](const at::Tensor& t) { return !at::isfinite(t.detach()).all().item<bool>(); };
   for (const auto& [name, shape] : tensor_shapes(model.config())) {
-    if (bad(model.weight(name))) return fmt::format("weight '{}' holds NaN or Inf", name);
-    if (soft.count(name) && bad(soft.at(name))) return fmt::format("the clustered weight '{}' holds NaN or Inf", name);
+    const at::Tensor& w = model.weight(name);
+    if (bad(w)) return fmt::format("weight '{}' holds NaN or Inf", name);
+    if (made && made->provides(name) && bad(made->weight(name, w)))
+      return fmt::format("the clustered weight '{}' holds NaN or Inf", name);
   }
   return "";
 }
@@ -263,7 +267,7 @@ double learning_rate(const TrainOptions& o, int64_t step, int64_t total) {
 }
 
 double evaluate(const Llama& model, const WeightOverrides* overrides, const std::vector<Example>& examples,
-                int64_t batch, int pad_id) {
+                int64_t batch, int pad_id, const WeightSource* source) {
   if (examples.empty()) return 0;
   at::NoGradGuard no_grad;
   double nll = 0;
@@ -274,6 +278,7 @@ double evaluate(const Llama& model, const WeightOverrides* overrides, const std:
     Batch b = make_batch(examples, idx, pad_id);
     ForwardOptions fo;
     fo.overrides = overrides;
+    fo.source = source;
     at::Tensor logits = model.forward(b.tokens.to(model.device()), fo);
     nll += next_token_loss(logits, b.labels.to(model.device()), at::Reduction::Sum)
                .item<double>();
@@ -287,10 +292,11 @@ namespace {
 // One run of train(): the state that lives across steps, and each part of a step as a method
 // of its own. A step (train() below) is
 //   micro_batches    this learner's examples of the step, and the step's loss-token count
-//   dkm_forward      soft-clustered weights w~ = DKM(w), once per step, and leaf copies of them
-//   accumulate       forward and backward of each micro-batch into the leaves and the weights
+//   dkm_forward      DKM's iterations, once per step (StepWeights); each layer makes its
+//                    soft-clustered weights w~ from them when the forward needs them
+//   accumulate       forward and backward of each micro-batch; dL/dw~ accumulates in w's .grad
 //   reduce           gradients (and the loss) summed over the data-parallel learners
-//   dkm_backward     the leaves' gradients carried through DKM to the weights
+//   backward         each clustered weight's summed dL/dw~ carried through DKM to dL/dw
 //   optimizer_step   gradient clipping and the AdamW update
 //   log              the metrics line, validation when due, the progress bar
 //   checkpoint       when due or when asked to stop
@@ -318,12 +324,9 @@ class TrainingRun {
 
   // Validation loss of the model as trained (soft-clustered weights under DKM).
   double val_loss() {
-    WeightOverrides ov;
-    if (clustering_) {
-      at::NoGradGuard ng;
-      ov = clustering_->soft(model_, /*advance=*/false);
-    }
-    return evaluate(model_, clustering_ ? &ov : nullptr, data_.val, o_.eval_batch, pad_);
+    std::optional<StepWeights> made;
+    if (clustering_) made = clustering_->step(model_, /*advance=*/false);
+    return evaluate(model_, nullptr, data_.val, o_.eval_batch, pad_, made ? &*made : nullptr);
   }
 
   double set_learning_rate(int64_t step) {
@@ -354,43 +357,35 @@ class TrainingRun {
     return d;
   }
 
-  // The soft weights' dtype: the autocast dtype when the step's gradient w.r.t. them is one
-  // product made in it (one micro-batch on one learner), which wider storage would not make
-  // more precise; otherwise the weights' own, in which micro-batches and learners sum it.
+  // The soft weights' dtype: under autocast, the autocast dtype, the only one the forward
+  // reads them in (their gradients are summed in the weights' own .grad, in its dtype).
   at::ScalarType soft_dtype() const {
     const bool autocast = o_.autocast != at::ScalarType::Undefined && model_.device().is_cuda();
-    return autocast && o_.grad_accum == 1 && world_ == 1 ? o_.autocast : at::ScalarType::Undefined;
+    return autocast ? o_.autocast : at::ScalarType::Undefined;
   }
 
-  // DKM once per step. Micro-batches accumulate into leaf copies of the soft weights, so that
-  // one backward through DKM (dkm_backward) carries their summed gradients to the weights.
-  struct SoftWeights {
-    WeightOverrides soft, leaves;
-  };
-  SoftWeights dkm_forward(int64_t step) {
-    SoftWeights s;
-    if (!clustering_) return s;
+  // DKM once per step; the layers make their soft weights from it (StepWeights).
+  std::optional<StepWeights> dkm_forward(int64_t step) {
+    if (!clustering_) return std::nullopt;
     try {
-      s.soft = clustering_->soft(model_, /*advance=*/true, soft_dtype());
+      return clustering_->step(model_, /*advance=*/true, soft_dtype());
     } catch (const std::invalid_argument&) {
       // DKM refuses non-finite weights: the previous step's update made them so.
-      const std::string weight = non_finite_weight(model_, {});
+      const std::string weight = non_finite_weight(model_, nullptr);
       if (!weight.empty()) throw_diverged(step + 1, weight + " after the previous step's update");
       throw;
     }
-    for (const auto& [name, w] : s.soft) s.leaves[name] = w.detach().requires_grad_(true);
-    return s;
   }
 
   // Forward and backward of every micro-batch; returns the summed loss (nats).
-  double accumulate(const StepData& d, const SoftWeights& s, int64_t step) {
+  double accumulate(const StepData& d, const std::optional<StepWeights>& made, int64_t step) {
     double loss_sum = 0;
     // One autocast scope for the step's micro-batches, so that its cast weights serve them all;
     // the backward stays under it too: checkpointed layers recompute their forward in it.
     const AutocastGuard autocast(o_.autocast, model_.device());
     for (const Batch& b : d.batches) {
       ForwardOptions fo;
-      fo.overrides = clustering_ ? &s.leaves : nullptr;
+      fo.source = made ? &*made : nullptr;
       fo.checkpoint_layers = o_.checkpoint_layers;
       at::Tensor logits = model_.forward(b.tokens.to(model_.device()), fo);
       at::Tensor labels = b.labels.to(model_.device());
@@ -406,7 +401,7 @@ class TrainingRun {
       }
       const double loss_value = loss.item<double>();
       if (!std::isfinite(loss_value)) {
-        const std::string weight = non_finite_weight(model_, s.leaves);
+        const std::string weight = non_finite_weight(model_, made ? &*made : nullptr);
         throw_diverged(step + 1, fmt::format("the loss is {} ({})", loss_value,
                                              weight.empty() ? "the weights are finite, the activations overflowed" : weight));
       }
@@ -416,34 +411,20 @@ class TrainingRun {
     return loss_sum;
   }
 
-  // Sums over learners what the micro-batches produced: the soft weights' gradients (DKM's
-  // backward then runs on the sum, identically everywhere), the unclustered weights', and the
-  // loss, which is returned.
-  double reduce(SoftWeights& s, double loss_sum) {
+  // Sums over learners what the micro-batches produced: every weight's gradient (a clustered
+  // weight's holds dL/dw~ until StepWeights::backward, which then runs on the sum, identically
+  // everywhere), and the loss, which is returned.
+  double reduce(double loss_sum) {
     if (world_ == 1) return loss_sum;
     std::vector<at::Tensor> reduce;
-    auto add = [&](at::Tensor& t) {
+    for (auto& [name, t] : model_.weights()) {
       if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
       reduce.push_back(t.grad());
-    };
-    for (auto& [name, leaf] : s.leaves) add(leaf);
-    for (auto& [name, t] : model_.weights())
-      if (!s.leaves.count(name)) add(t);
+    }
     at::Tensor loss_t = at::full({1}, loss_sum, at::kDouble);
     reduce.push_back(loss_t);
     o_.dist->allreduce_sum(reduce);
     return loss_t.item<double>();
-  }
-
-  void dkm_backward(SoftWeights& s) {
-    std::vector<at::Tensor> outs, grads;
-    for (const auto& [name, w] : s.soft) {
-      const at::Tensor& g = s.leaves[name].grad();
-      if (!g.defined()) continue;
-      outs.push_back(w);
-      grads.push_back(g);
-    }
-    if (!outs.empty()) torch::autograd::backward(outs, grads);
   }
 
   void optimizer_step() {
@@ -559,10 +540,12 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
   for (int64_t step = rep.start_step; step < rep.total_steps; ++step) {
     const double lr = run.set_learning_rate(step);
     const auto batches = run.micro_batches(step);
-    auto soft = run.dkm_forward(step);
-    double loss_sum = run.accumulate(batches, soft, step);
-    loss_sum = run.reduce(soft, loss_sum);
-    if (clustering) run.dkm_backward(soft);
+    double loss_sum;
+    {
+      const std::optional<StepWeights> made = run.dkm_forward(step);
+      loss_sum = run.reduce(run.accumulate(batches, made, step));
+      if (made) made->backward(model);
+    }
     run.optimizer_step();
     run.log(step, lr, loss_sum / std::max<int64_t>(1, batches.loss_tokens), batches.loss_tokens, bar);
     const bool stop = run.stop_requested();

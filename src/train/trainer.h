@@ -73,9 +73,10 @@ TrainReport train(Llama& model, Clustering* clustering, const Dataset& data, con
 // training updates the student's tensors in place).
 std::shared_ptr<const Llama> frozen_teacher(const Llama& model, at::ScalarType dtype);
 
-// Mean loss per loss token over `examples`, with `overrides` in the forward pass.
+// Mean loss per loss token over `examples`, with `overrides` and the weights of `source` in the
+// forward pass.
 double evaluate(const Llama& model, const WeightOverrides* overrides, const std::vector<Example>& examples,
-                int64_t batch, int pad_id);
+                int64_t batch, int pad_id, const WeightSource* source = nullptr);
 
 // The learning rate of step `step` (0-based) of `total`.
 double learning_rate(const TrainOptions& o, int64_t step, int64_t total);
