@@ -178,7 +178,7 @@ DKMResult dkm(const at::Tensor& weight, const at::Tensor& palette, const DKMConf
 // shares the caller's storage (`weight`).
 struct DeferredDKM::State {
   at::Tensor weight;
-  uint32_t version = 0;
+  int64_t version = 0;
   c10::intrusive_ptr<detail::IndexedState> indexed;
   at::Tensor table;
   at::Tensor soft;

@@ -4,7 +4,8 @@
 namespace edkm::detail {
 
 // kAuto takes the hand-written host loops where they apply (CPU tensors of the types they
-// serve), the CUDA kernels for CUDA tensors in CUDA builds, and the device-generic ATen code
+// serve; for the unique-value-space passes, tables on any device, copied to the host and back,
+// uspace.h), the CUDA kernels for CUDA tensors in CUDA builds, and the device-generic ATen code
 // elsewhere; kGeneric forces the ATen code, so that tests can compare them on the same inputs.
 enum class Kernels { kAuto, kGeneric };
 

@@ -105,11 +105,23 @@ at::Tensor palette_at(const UniqueSpaceState& s, int64_t offset) {
   return s.palettes.index({t, g});
 }
 
+UniqueSpaceState on_device(const UniqueSpaceState& s, const at::Device& device) {
+  return {s.palettes.to(device), s.sums.to(device), s.iters.to(device)};
+}
+
+at::Tensor on_host(const at::Tensor& t) { return t.defined() ? t.cpu() : t; }
+
 }  // namespace
 
 UniqueSpaceState uspace_forward(const at::Tensor& v, const at::Tensor& n, const at::Tensor& c0,
                                 const SoftKMeans& p, at::Tensor* out, Kernels kernels) {
-  if (kernels == Kernels::kAuto && uspace_host_applies(v)) return uspace_forward_host(v, n, c0, p, out);
+  if (kernels == Kernels::kAuto && uspace_host_applies(v)) {
+    if (v.device().is_cpu()) return uspace_forward_host(v, n, c0, p, out);
+    at::Tensor host_out;
+    UniqueSpaceState s = uspace_forward_host(v.cpu(), on_host(n), c0.cpu(), p, &host_out);
+    *out = host_out.to(v.device());
+    return on_device(s, v.device());
+  }
   const int64_t G = v.size(0), k = c0.size(1), d = v.size(2);
   const auto opts = v.options();
   std::vector<at::Tensor> palettes{c0}, sums;
@@ -154,7 +166,11 @@ UniqueSpaceState uspace_forward(const at::Tensor& v, const at::Tensor& n, const 
 UniqueSpaceGrad uspace_backward(const at::Tensor& v, const at::Tensor& n,
                                 const UniqueSpaceState& state, const at::Tensor& g,
                                 const SoftKMeans& p, Kernels kernels) {
-  if (kernels == Kernels::kAuto && uspace_host_applies(v)) return uspace_backward_host(v, n, state, g, p);
+  if (kernels == Kernels::kAuto && uspace_host_applies(v)) {
+    if (v.device().is_cpu()) return uspace_backward_host(v, n, state, g, p);
+    UniqueSpaceGrad r = uspace_backward_host(v.cpu(), on_host(n), on_device(state, at::kCPU), g.cpu(), p);
+    return {r.jac.to(v.device()), r.h.to(v.device())};
+  }
   const int64_t G = v.size(0), U = v.size(1), d = v.size(2);
   const int64_t k = state.palettes.size(2);
   const int64_t T = state.sums.size(0);
