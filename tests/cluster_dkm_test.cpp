@@ -319,8 +319,8 @@ TEST(DKM, UniqueMethodSavesNothingWeightSized) {
 }
 
 // DeferredDKM for every method against dkm() with autograd, and what it holds: nothing
-// weight-sized with the pattern index, however often w~ is made; a weight modified after it
-// ran is refused.
+// weight-sized with the pattern index; no graph for the dense methods without grad mode; a
+// weight modified after it ran is refused.
 TEST(DKM, DeferredEqualsDkmAndHoldsNothingWeightSized) {
   TensorMemory::install();
   at::manual_seed(10);
@@ -341,6 +341,11 @@ TEST(DKM, DeferredEqualsDkmAndHoldsNothingWeightSized) {
     EXPECT_LE(rel_err(later.backward(R), w.grad()), 1e-6);
     EXPECT_LE(rel_err(later.backward(0.5 * R) + later.backward(0.5 * R), w.grad()), 1e-6);
     at::NoGradGuard no_grad;
+    if (m == DKMMethod::kDense || m == DKMMethod::kEDKM) {  // for evaluation: no graph, no backward
+      const DeferredDKM eval(w, p, cfg);
+      EXPECT_TRUE(at::equal(eval.weight(), r.weight.detach()));
+      EXPECT_THROW(eval.backward(R), std::logic_error);
+    }
     w.add_(1e-3);
     EXPECT_THROW(later.weight(), std::logic_error);
     EXPECT_THROW(later.backward(R), std::logic_error);

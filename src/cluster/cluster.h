@@ -163,7 +163,8 @@ DKMResult dkm(const at::Tensor& weight, const at::Tensor& palette, const DKMConf
 // weight and the starting palette, the same at every use.
 // What is held in between: for the unique-value methods (kAuto, kUnique), the value index and
 // the O(U k T) iteration state, so with the pattern index (16-bit cluster dtype, scalar
-// clustering) nothing N-sized; for kDense and kEDKM, w~ and its graph, as dkm() would.
+// clustering) nothing N-sized; for kDense and kEDKM, w~ and, when grad mode is on, its graph,
+// as dkm() would (made with grad mode off, they refuse backward()).
 // The weight must not change before backward() (std::logic_error otherwise); the arguments are
 // checked as dkm() checks them.
 class DeferredDKM {

@@ -201,8 +201,8 @@ DeferredDKM::DeferredDKM(const at::Tensor& weight, const at::Tensor& palette, co
     state_->table = indexed_iterations(*state_->indexed, p.palette);
     palette_ = final_palette(*state_->indexed, compute_dtype(weight));
   } else {
-    at::AutoGradMode grad(true);
-    state_->weight = weight.detach().requires_grad_(true);
+    // The graph only when a backward may follow (grad mode on), as dkm() would record it.
+    state_->weight = at::GradMode::is_enabled() ? weight.detach().requires_grad_(true) : weight;
     DKMResult r = dkm(state_->weight, palette, cfg, scale, importance);
     state_->soft = r.weight;
     palette_ = r.palette;
@@ -228,8 +228,10 @@ at::Tensor DeferredDKM::backward(const at::Tensor& grad) const {
     throw_invalid("DeferredDKM::backward: the gradient must have the weight's shape {}, got {}",
                   c10::str(w.sizes()), c10::str(grad.sizes()));
   const at::Tensor g = grad.to(w.scalar_type());
-  if (state_->soft.defined())
+  if (state_->soft.defined()) {
+    if (!state_->soft.requires_grad()) throw std::logic_error("DeferredDKM: made without grad mode, it has no backward");
     return torch::autograd::grad({state_->soft}, {w}, {g}, /*retain_graph=*/true)[0];
+  }
   at::NoGradGuard no_grad;
   return detail::indexed_backward(*state_->indexed, g);
 }

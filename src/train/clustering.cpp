@@ -187,14 +187,14 @@ StepWeights Clustering::step(const Llama& model, bool advance, at::ScalarType dt
   StepWeights s;
   s.method_ = method_;
   s.dtype_ = dtype;
-  at::NoGradGuard no_grad;
   for (auto& cw : weights_) {
     const at::Tensor& w = model.weight(cw.name);
-    StepWeights::Entry e{&cw, nullptr};
+    StepWeights::Entry e{&cw, std::nullopt};
     if (method_ == TrainMethod::kDKM) {
-      e.dkm = std::make_shared<const DeferredDKM>(w, cw.palette, cw.cfg, cw.scale, cw.importance);
+      e.dkm.emplace(w, cw.palette, cw.cfg, cw.scale, cw.importance);
       if (advance) cw.palette = e.dkm->palette();
     } else if (advance && method_ == TrainMethod::kHardKMeans) {
+      at::NoGradGuard no_grad;
       cw.palette = lloyd_update(w, cw.palette, cw.cfg, cw.scale, cw.importance);
     }
     s.entries_[cw.name] = std::move(e);

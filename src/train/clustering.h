@@ -18,7 +18,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include <map>
-#include <memory>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -95,7 +95,7 @@ class StepWeights : public WeightSource {
   friend class Clustering;
   struct Entry {
     const ClusteredWeight* cw = nullptr;
-    std::shared_ptr<const DeferredDKM> dkm;  // DKM only
+    std::optional<DeferredDKM> dkm;  // DKM only
   };
   // Without a graph.
   at::Tensor made(const Entry& e, const at::Tensor& w) const;
@@ -132,7 +132,8 @@ class Clustering {
   // `dtype` (Undefined: the weights' own) is the soft projections' dtype (not the embedding
   // table's, which a lookup reads in the weights' precision): under bf16 autocast the forward
   // reads them only as bf16. The StepWeights refers to this Clustering and to the model's
-  // weights, which must not change before its backward().
+  // weights, which must not change before its backward(); made with grad mode off (for
+  // evaluation), DKM's dense methods keep no graph and it has no backward().
   StepWeights step(const Llama& model, bool advance, at::ScalarType dtype = at::ScalarType::Undefined);
   // Hard assignment of every clustered weight, against its palette rounded to fp16 (the
   // precision palettes are stored in).

@@ -324,6 +324,7 @@ class TrainingRun {
 
   // Validation loss of the model as trained (soft-clustered weights under DKM).
   double val_loss() {
+    at::NoGradGuard no_grad;
     std::optional<StepWeights> made;
     if (clustering_) made = clustering_->step(model_, /*advance=*/false);
     return evaluate(model_, nullptr, data_.val, o_.eval_batch, pad_, made ? &*made : nullptr);
