@@ -215,6 +215,8 @@ at::Tensor StepWeights::weight(const std::string& name, const at::Tensor& w) con
 }
 
 void StepWeights::backward(Llama& model) const {
+  // Hard k-means passes the gradient straight through: .grad already holds dL/dw.
+  if (method_ == TrainMethod::kHardKMeans) return;
   for (const auto& [name, e] : entries_) {
     at::Tensor& w = model.weights().at(name);
     const at::Tensor g = w.grad();
