@@ -68,8 +68,6 @@ struct ClusteredWeight {
   Importance importance;  // weighing the centroid updates; or undefined
 };
 
-class Clustering;
-
 // The clustered weights of one training step, made where the layers need them (a WeightSource
 // for Llama::forward). Clustering::step() runs DKM's iterations (or the Lloyd step) once; each
 // layer then makes its soft-clustered weights from them, in its forward and again in its
