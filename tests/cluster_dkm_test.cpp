@@ -340,6 +340,7 @@ TEST(DKM, DeferredEqualsDkmAndHoldsNothingWeightSized) {
     // The backward is linear: two halves of the upstream gradient give the sum's.
     EXPECT_LE(rel_err(later.backward(R), w.grad()), 1e-6);
     EXPECT_LE(rel_err(later.backward(0.5 * R) + later.backward(0.5 * R), w.grad()), 1e-6);
+    EXPECT_THROW(later.backward(R.narrow(0, 0, 8)), std::invalid_argument);  // not the weight's shape
     at::NoGradGuard no_grad;
     if (m == DKMMethod::kDense || m == DKMMethod::kEDKM) {  // for evaluation: no graph, no backward
       const DeferredDKM eval(w, p, cfg);

@@ -200,6 +200,7 @@ TEST(TrainBaselines, StepWeightsMatchAutogradThroughTheSoftWeights) {
         }
       }
       EXPECT_FALSE(made.provides("model.norm.weight"));
+      EXPECT_THROW(made.weight("model.norm.weight", m.model.weight("model.norm.weight")), std::invalid_argument);
       made.backward(m.model);
       const auto got = grads();
       for (const auto& [name, g] : want) EXPECT_LE(test::rel_err(got.at(name), g), 1e-6) << name;
