@@ -135,14 +135,12 @@ TEST(QAT, StartsAtRtnAndExportsWhatItTrained) {
   }
 }
 
-// Soft weights made in bf16 (Clustering::soft's dtype, as the trainer asks under bf16
-// autocast) are the fp32 soft weights rounded once, the embedding table excepted, and carry a
-// bf16 upstream gradient to the model's weights exactly as the fp32 ones do, since a cast's
-// backward is exact.
 // The trainer's layer-by-layer soft weights (Clustering::step) against autograd through dkm()
 // and the straight-through functions applied to every clustered weight at once: the same
 // weights (rounded to bf16 when asked), and, with each weight used twice and its two upstream
-// gradients summed in its .grad, the same gradient w.r.t. the weights after backward().
+// gradients summed in its .grad, the same gradient w.r.t. the weights after backward(). In bf16
+// (as the trainer asks under bf16 autocast) the embedding table stays fp32, and a bf16 upstream
+// gradient reaches the weights exactly, since a cast's backward is exact.
 TEST(TrainBaselines, StepWeightsMatchAutogradThroughTheSoftWeights) {
   for (TrainMethod method : {TrainMethod::kDKM, TrainMethod::kHardKMeans, TrainMethod::kQAT}) {
     for (at::ScalarType dtype : {at::ScalarType::Undefined, at::kBFloat16}) {

@@ -161,16 +161,20 @@ Prepared prepare(const at::Tensor& weight, const at::Tensor& palette, const DKMC
   return p;
 }
 
-}  // namespace
-
-DKMResult dkm(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
-              const at::Tensor& scale, const Importance& importance) {
+// dkm() on arguments prepare() has checked.
+DKMResult run(const at::Tensor& weight, const Prepared& p, const DKMConfig& cfg) {
   using namespace detail;
-  const Prepared p = prepare(weight, palette, cfg, scale, importance);
   if (p.indexed(cfg)) return dkm_indexed(weight, p.palette, cfg, p.scale, p.layout, p.kind(cfg), p.importance);
   if (cfg.method == DKMMethod::kDense) return dkm_dense(weight, p.palette, cfg, p.scale, p.layout, p.importance);
   if (p.importance.defined()) throw_invalid("importance-weighted DKM runs with the dense, unique and auto methods, not edkm");
   return dkm_stored(weight, p.palette, cfg, p.scale, p.layout, nullptr, nullptr);
+}
+
+}  // namespace
+
+DKMResult dkm(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
+              const at::Tensor& scale, const Importance& importance) {
+  return run(weight, prepare(weight, palette, cfg, scale, importance), cfg);
 }
 
 // Unique-value methods: the index and the iteration state (`indexed`, `table`: the emitted
@@ -203,7 +207,7 @@ DeferredDKM::DeferredDKM(const at::Tensor& weight, const at::Tensor& palette, co
   } else {
     // The graph only when a backward may follow (grad mode on), as dkm() would record it.
     state_->weight = at::GradMode::is_enabled() ? weight.detach().requires_grad_(true) : weight;
-    DKMResult r = dkm(state_->weight, palette, cfg, scale, importance);
+    DKMResult r = run(state_->weight, p, cfg);
     state_->soft = r.weight;
     palette_ = r.palette;
   }

@@ -115,8 +115,7 @@ at::Tensor on_host(const at::Tensor& t) { return t.defined() ? t.cpu() : t; }
 
 UniqueSpaceState uspace_forward(const at::Tensor& v, const at::Tensor& n, const at::Tensor& c0,
                                 const SoftKMeans& p, at::Tensor* out, Kernels kernels) {
-  if (kernels == Kernels::kAuto && uspace_host_applies(v)) {
-    if (v.device().is_cpu()) return uspace_forward_host(v, n, c0, p, out);
+  if (kernels == Kernels::kAuto && uspace_host_applies(v)) {  // the copies are no-ops on the CPU
     at::Tensor host_out;
     UniqueSpaceState s = uspace_forward_host(v.cpu(), on_host(n), c0.cpu(), p, &host_out);
     *out = host_out.to(v.device());
@@ -167,7 +166,6 @@ UniqueSpaceGrad uspace_backward(const at::Tensor& v, const at::Tensor& n,
                                 const UniqueSpaceState& state, const at::Tensor& g,
                                 const SoftKMeans& p, Kernels kernels) {
   if (kernels == Kernels::kAuto && uspace_host_applies(v)) {
-    if (v.device().is_cpu()) return uspace_backward_host(v, n, state, g, p);
     UniqueSpaceGrad r = uspace_backward_host(v.cpu(), on_host(n), on_device(state, at::kCPU), g.cpu(), p);
     return {r.jac.to(v.device()), r.h.to(v.device())};
   }

@@ -154,20 +154,22 @@ LayerParams pass_params(const LayerWeights& L, const WeightOverrides* ov) {
           p(L.v),         p(L.o),      p(L.gate),   p(L.up),       p(L.down)};
 }
 
-// The projections of one layer that a WeightSource makes: those it provides that the pass does
-// not override, by slot (q, k, v, o, gate, up, down). Applied inside the layer function, so that
-// a checkpointed layer makes them again when it is recomputed.
+// Whether `src` makes this weight in a pass: it provides it and the pass does not override it.
+bool made_by(const WeightSource* src, const BoundWeight& b, const WeightOverrides* ov) {
+  return src && b && src->provides(b.name) && !(ov && ov->count(b.name));
+}
+
+// The projections of one layer that a WeightSource makes, by slot (q, k, v, o, gate, up,
+// down). Applied inside the layer function, so that a checkpointed layer makes them again when
+// it is recomputed.
 struct Sourced {
   const WeightSource* source = nullptr;
   std::array<const std::string*, 7> names{};  // null: the pass's own tensor
 
   Sourced(const LayerWeights& L, const WeightSource* src, const WeightOverrides* ov) : source(src) {
-    if (!src) return;
     const BoundLinear* b[] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
-    for (size_t i = 0; i < names.size(); ++i) {
-      const std::string& n = b[i]->weight.name;
-      if (b[i]->weight && src->provides(n) && !(ov && ov->count(n))) names[i] = &n;
-    }
+    for (size_t i = 0; i < names.size(); ++i)
+      if (made_by(src, b[i]->weight, ov)) names[i] = &b[i]->weight.name;
   }
   void apply(LayerParams& p) const {
     Proj* projs[] = {&p.q, &p.k, &p.v, &p.o, &p.gate, &p.up, &p.down};
@@ -415,7 +417,7 @@ at::Tensor Llama::run(const at::Tensor& tokens, const ForwardOptions& opts, KVCa
   const WeightOverrides* ov = opts.overrides;
   const WeightSource* src = opts.source;
   auto sourced = [&](const BoundWeight& b, at::Tensor t) {
-    return src && t.defined() && src->provides(b.name) && !(ov && ov->count(b.name)) ? src->weight(b.name, t) : t;
+    return t.defined() && made_by(src, b, ov) ? src->weight(b.name, t) : t;
   };
   at::Tensor h = at::embedding(sourced(embed_, pass_tensor(embed_, ov)), tokens);
   auto [cos, sin] = rope_tables(cfg_, pos, T, h.options());
