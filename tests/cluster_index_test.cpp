@@ -3,9 +3,12 @@
 // unique-value-space iterations (whose ATen code the DKM tests check against dense autograd).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
 #include <gtest/gtest.h>
 
 #include "cluster/layout.h"
+#include "cluster/tiles.h"
 #include "cluster/uspace.h"
 #include "cluster/value_index.h"
 #include "test_util.h"
@@ -126,6 +129,32 @@ TEST(PatternIndex, GradientSumsDoNotDependOnThreadTiming) {
     EXPECT_LE(test::rel_err(first, generic->aggregate(G)), 1e-7);
   }
   at::set_num_threads(threads);
+}
+
+TEST(PatternIndex, CudaTilesCoverEachGroupOnceWithinTheirBounds) {
+  // The tiles of the CUDA backend's shared-memory kernels (tiles.h), checked on the host: a
+  // weight counted twice or missed would pass unseen wherever every weight of a tile shares a
+  // value. Every weight lies in exactly one tile, no tile crosses a group or is empty, none
+  // exceeds max_size, and none is below half of min_size unless its group is.
+  for (int64_t groups : {1, 2, 5})
+    for (int64_t gw = 1; gw <= 200; ++gw)
+      for (auto [lo, hi] : {std::pair<int64_t, int64_t>{1, 1}, {7, 13}, {16, 64}, {50, 300}, {90, 30}})
+        for (int64_t target : {1, 3, 8, 64, 1000}) {
+          const Tiles t = Tiles::of(groups, gw, lo, hi, target);
+          SCOPED_TRACE(fmt::format("groups={} gw={} min={} max={} target={}", groups, gw, lo, hi, target));
+          ASSERT_EQ(t.count, groups * t.per_group);
+          std::vector<int> covered(groups * gw, 0);
+          for (int64_t i = 0; i < t.count; ++i) {
+            const int64_t g = t.group(i), b = t.begin(i), e = t.end(i);
+            ASSERT_LT(b, e);
+            ASSERT_LE(e - b, hi);
+            ASSERT_TRUE(2 * (e - b) >= std::min(lo, hi) || e - b == gw || i % t.per_group == t.per_group - 1);
+            ASSERT_GE(b, g * gw);
+            ASSERT_LE(e, (g + 1) * gw);
+            for (int64_t j = b; j < e; ++j) ++covered[j];
+          }
+          ASSERT_EQ(std::count(covered.begin(), covered.end(), 1), groups * gw);
+        }
 }
 
 TEST(UniqueSpace, HostLoopsMatchAtenCode) {

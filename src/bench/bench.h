@@ -49,7 +49,8 @@ struct DKMBenchRow {
 // One pass of the unique method on one matrix (src/cluster/value_index.h, uspace.h).
 struct DKMPassRow {
   std::string matrix;  // "q_proj" (4096 x 4096) or "gate_proj" (11008 x 4096), at layer_scale
-  std::string pass;    // index | uspace_forward | emit | gradient_sum | uspace_backward | gradient
+  std::string pass;    // index | uspace_forward | emit | gradient_sum | uspace_backward | gradient, and
+                       // on a GPU "index, warp atomics" | "gradient_sum, warp atomics"
   double seconds = 0;  // best of reps
 };
 

@@ -11,6 +11,7 @@
 #include "bench/bench.h"
 #include "cluster/cluster.h"
 #include "cluster/layout.h"
+#include "cluster/pattern_index.h"
 #include "cluster/uspace.h"
 #include "cluster/value_index.h"
 #include "common/memory.h"
@@ -113,14 +114,20 @@ std::string mib(int64_t b) { return fmt::format("{:.1f}", b / 1048576.0); }
 
 // The unique method's passes on one matrix, each timed on its own (best of reps), with the
 // dtypes dkm() gives them: the unique-space arithmetic in fp64, the per-value tables in fp32.
+// On a GPU the two scatter-adds also run with the warp-aggregated atomics that the kernels'
+// shared-memory tiles replace where groups are large, in the same rounds.
 std::vector<DKMPassRow> measure_passes(const std::string& name, const at::Tensor& w, const at::Tensor& grad,
                                        const DKMConfig& cfg, int reps) {
   using namespace detail;
   const GroupLayout layout = GroupLayout::of(w, cfg);
   const at::Tensor palette = init_palette(w, cfg).to(at::kDouble);
   const SoftKMeans p = SoftKMeans::from(cfg);
-  const char* names[] = {"index", "uspace_forward", "emit", "gradient_sum", "uspace_backward", "gradient"};
-  std::vector<double> best(6, 1e300);
+  std::vector<std::string> names = {"index", "uspace_forward", "emit", "gradient_sum", "uspace_backward", "gradient"};
+#ifdef EDKM_CUDA
+  const bool warp_rows = w.is_cuda();
+  if (warp_rows) names.insert(names.end(), {"index, warp atomics", "gradient_sum, warp atomics"});
+#endif
+  std::vector<double> best(names.size(), 1e300);
   for (int r = 0; r < std::max(1, reps) + 1; ++r) {  // the first round warms up
     std::vector<double> t;
     synchronize(w.device());
@@ -144,6 +151,15 @@ std::vector<DKMPassRow> measure_passes(const std::string& name, const at::Tensor
     lap();
     at::Tensor dw = index->input_grad(grad, ug.jac.to(at::kFloat), ug.h.to(at::kFloat));
     lap();
+#ifdef EDKM_CUDA
+    if (warp_rows) {
+      auto warp = make_cuda_pattern_index(w, layout, at::Tensor(), rounding_dtype(w, cfg.cluster_dtype),
+                                          CudaScatter{CudaScatter::kWarpAtomics});
+      lap();
+      warp->aggregate(grad);
+      lap();
+    }
+#endif
     if (r > 0)
       for (size_t i = 0; i < best.size(); ++i) best[i] = std::min(best[i], t[i]);
   }
@@ -232,10 +248,10 @@ std::string format_table(const DKMBenchResult& r) {
   s += fmt::format("unique / dense extra memory, layer: {:.4f}% (dense extrapolated)\n",
                    100 * r.memory_ratio);
   s += fmt::format("unique method by pass, ms (each timed alone, best of {}):\n", r.options.reps);
-  s += fmt::format("{:<16} {:>10} {:>10}\n", "pass", "q_proj", "gate_proj");
+  s += fmt::format("{:<28} {:>10} {:>10}\n", "pass", "q_proj", "gate_proj");
   const size_t per_matrix = r.passes.size() / 2;  // q_proj's passes, then gate_proj's
   for (size_t i = 0; i < per_matrix; ++i)
-    s += fmt::format("{:<16} {:>10.2f} {:>10.2f}\n", r.passes[i].pass, 1e3 * r.passes[i].seconds,
+    s += fmt::format("{:<28} {:>10.2f} {:>10.2f}\n", r.passes[i].pass, 1e3 * r.passes[i].seconds,
                      1e3 * r.passes[per_matrix + i].seconds);
   return s;
 }

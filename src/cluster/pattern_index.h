@@ -7,7 +7,8 @@
 // once when the index is built (make_pattern_index):
 //   host  hand-written parallel loops over CPU tensors (pattern_index_host.cpp), with AVX-512
 //         versions of the bf16 loops where the CPU has them (pattern_avx512.h);
-//   CUDA  one kernel per pass over CUDA tensors, in CUDA builds (pattern_index_cuda.cu);
+//   CUDA  one kernel per pass over CUDA tensors, in CUDA builds (pattern_index_cuda.cu; its
+//         scatter-adds sum in shared memory by tiles, or with warp-aggregated atomics);
 //   ATen  chunked gathers and scatters of ATen ops, for tensors on any device
 //         (pattern_index_aten.cpp).
 #pragma once
@@ -52,8 +53,19 @@ class PatternIndex : public ValueIndex {
 std::unique_ptr<ValueIndex> make_host_pattern_index(const at::Tensor& weight, const GroupLayout& layout,
                                                     const at::Tensor& scale, at::ScalarType rounding);
 #ifdef EDKM_CUDA
+// How the CUDA backend sums its scatter-adds, the histogram and the gradient sum
+// (pattern_index_cuda.cu): per-block tiles in shared memory, or warp-aggregated global atomics.
+// kAuto takes the tiles where every group holds at least 65,536 weights and the device gives a
+// block 128 KB of shared memory. Tests force each; max_hot (0: as many as the shared memory
+// holds) caps the gradient sum's shared accumulators per group, so that tests reach the values
+// that get none.
+struct CudaScatter {
+  enum Mode { kAuto, kWarpAtomics, kSharedTiles } mode = kAuto;
+  int64_t max_hot = 0;
+};
 std::unique_ptr<ValueIndex> make_cuda_pattern_index(const at::Tensor& weight, const GroupLayout& layout,
-                                                    const at::Tensor& scale, at::ScalarType rounding);
+                                                    const at::Tensor& scale, at::ScalarType rounding,
+                                                    CudaScatter scatter = {});
 #endif
 std::unique_ptr<ValueIndex> make_aten_pattern_index(const at::Tensor& weight, const GroupLayout& layout,
                                                     const at::Tensor& scale, at::ScalarType rounding);
