@@ -146,6 +146,11 @@ struct StepBenchRow {
   int64_t peak_tensor_bytes = 0;  // the device's peak of bytes held by tensors, model included
   double seconds_per_step = 0;
   double memory_over_finetune = 0, time_over_finetune = 0;  // this row / the fine-tune row
+  // The clustered modes' own work per step, each part timed alone after the timed steps, on the
+  // trained weights (mean of `steps`): before the forward (DKM's iterations, hard k-means'
+  // Lloyd step), in the layers (every clustered weight made twice, in the forward and in the
+  // checkpointed recomputation) and after the backward (DKM's backward, QAT's straight-through).
+  double before_forward_seconds = 0, in_layers_seconds = 0, after_backward_seconds = 0;
 };
 struct StepBenchResult {
   StepBenchOptions options;

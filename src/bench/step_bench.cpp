@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <optional>
 #include <vector>
 
@@ -53,6 +54,38 @@ std::string mode_name(const std::optional<TrainMethod>& method, int bits) {
   return "?";
 }
 
+// The clustering's parts of a step, as train() runs them (the soft weights in the autocast
+// dtype), each on its own between device synchronisations; the step's gradients are random.
+void time_parts(const StepBenchOptions& o, Llama& model, Clustering& clustering, at::ScalarType dtype,
+                StepBenchRow& row) {
+  std::vector<std::pair<std::string, at::Tensor*>> clustered;
+  for (auto& [name, w] : model.weights())
+    if (clustering.contains(name)) {
+      w.requires_grad_(true);  // train() hands the weights back detached
+      clustered.emplace_back(name, &w);
+    }
+  auto now = [&] {
+    synchronize(o.device);
+    return std::chrono::steady_clock::now();
+  };
+  auto seconds = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
+  for (int s = 0; s < o.steps; ++s) {
+    const auto t0 = now();
+    const StepWeights made = clustering.step(model, /*advance=*/true, dtype);
+    const auto t1 = now();
+    for (int pass = 0; pass < 2; ++pass)
+      for (const auto& [name, w] : clustered) made.weight(name, *w);
+    const auto t2 = now();
+    for (const auto& [name, w] : clustered) w->mutable_grad() = at::randn_like(*w).mul_(1e-3);
+    const auto t3 = now();
+    made.backward(model);
+    const auto t4 = now();
+    row.before_forward_seconds += seconds(t0, t1) / o.steps;
+    row.in_layers_seconds += seconds(t1, t2) / o.steps;
+    row.after_backward_seconds += seconds(t3, t4) / o.steps;
+  }
+}
+
 // One row; `method` empty: plain fine-tuning.
 StepBenchRow measure(const StepBenchOptions& o, const LlamaConfig& cfg, const std::optional<TrainMethod>& method) {
   TensorMemory::reset_peak(o.device);
@@ -83,6 +116,7 @@ StepBenchRow measure(const StepBenchOptions& o, const LlamaConfig& cfg, const st
   row.mode = mode_name(method, o.bits);
   row.peak_tensor_bytes = TensorMemory::peak(o.device);
   row.seconds_per_step = r.seconds / std::max<int64_t>(1, r.steps_done);
+  if (cluster) time_parts(o, model, clustering, t.autocast, row);
   return row;
 }
 
@@ -116,6 +150,16 @@ std::string format_table(const StepBenchResult& r) {
   for (const auto& row : r.rows)
     s += fmt::format("{:<20} {:>16.2f} {:>10.3f} {:>+10.1f}% {:>+10.1f}%\n", row.mode, row.peak_tensor_bytes / 1073741824.0,
                      row.seconds_per_step, 100.0 * (row.memory_over_finetune - 1), 100.0 * (row.time_over_finetune - 1));
+  s += "the clustering's parts of a step, each timed alone, s (in layers: every clustered weight made twice):\n";
+  s += fmt::format("{:<20} {:>14} {:>10} {:>14} {:>10} {:>16}\n", "mode", "before forward", "in layers", "after backward",
+                   "sum", "step - fine-tune");
+  for (size_t i = 1; i < r.rows.size(); ++i) {
+    const StepBenchRow& row = r.rows[i];
+    s += fmt::format("{:<20} {:>14.4f} {:>10.4f} {:>14.4f} {:>10.4f} {:>16.4f}\n", row.mode, row.before_forward_seconds,
+                     row.in_layers_seconds, row.after_backward_seconds,
+                     row.before_forward_seconds + row.in_layers_seconds + row.after_backward_seconds,
+                     row.seconds_per_step - r.rows.front().seconds_per_step);
+  }
   return s;
 }
 
@@ -125,7 +169,9 @@ nlohmann::json to_json(const StepBenchResult& r) {
   for (const auto& row : r.rows)
     rows.push_back({{"mode", row.mode}, {"peak_tensor_bytes", row.peak_tensor_bytes},
                     {"seconds_per_step", row.seconds_per_step},
-                    {"memory_over_finetune", row.memory_over_finetune}, {"time_over_finetune", row.time_over_finetune}});
+                    {"memory_over_finetune", row.memory_over_finetune}, {"time_over_finetune", row.time_over_finetune},
+                    {"before_forward_seconds", row.before_forward_seconds}, {"in_layers_seconds", row.in_layers_seconds},
+                    {"after_backward_seconds", row.after_backward_seconds}});
   return {{"benchmark", "step"},
           {"device", o.device.str()},
           {"parameters", r.parameters},
