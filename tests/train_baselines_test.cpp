@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "cluster/straight_through.h"
+#include "common/memory.h"
 #include "format/format.h"
 #include "pipeline/compress.h"
 #include "pipeline/load.h"
@@ -77,6 +78,50 @@ TEST(HardKMeans, LloydStepOverDistinctValuesEqualsTheStepOverWeights) {
   const at::Tensor weighted = lloyd_update(w, palette, by_weight, {}, Importance(f, w, by_weight));
   EXPECT_LE(test::rel_err(lloyd_update(w, palette, by_value, {}, Importance(f, w, by_value)), weighted), 1e-6);
   EXPECT_FALSE(at::allclose(weighted, want));
+}
+
+// Hard k-means' step as the trainer runs it: the Lloyd step and the per-value table once, then
+// the hard-assigned weight at every use. It equals the Lloyd step followed by the export's
+// per-weight assignment (palettize), over the distinct values (bf16 cluster dtype; groups,
+// scales, importances) and per weight (fp32 cluster dtype), with and without the update; it
+// holds nothing of the weight's size with the pattern index, and refuses a modified weight.
+TEST(HardKMeans, DeferredStepEqualsTheLloydStepThenTheAssignment) {
+  at::manual_seed(6);
+  const at::Tensor w = at::randn({16, 96}) * 0.05;
+  const at::Tensor f = at::rand(w.sizes()).pow(4) * (at::rand(w.sizes()) > 0.1);
+  for (ClusterDType cd : {ClusterDType::kBFloat16, ClusterDType::kFloat32})
+    for (auto [group_size, per_row_scale, weighted] : {std::tuple{0, false, false}, std::tuple{4, true, false},
+                                                       std::tuple{8, false, true}})
+      for (bool update : {true, false}) {
+        SCOPED_TRACE(fmt::format("cd={} group={} scaled={} weighted={} update={}", to_string(cd), group_size,
+                                 per_row_scale, weighted, update));
+        DKMConfig cfg;
+        cfg.bits = 3;
+        cfg.cluster_dtype = cd;
+        cfg.group_size = group_size;
+        cfg.per_row_scale = per_row_scale;
+        const at::Tensor s = per_row_scale ? row_scales(w) : at::Tensor();
+        const Importance imp = weighted ? Importance(f, w, cfg) : Importance();
+        const at::Tensor palette = init_palette(w, cfg, s) * 1.05 + 0.002;
+        const DeferredHardAssign step(w, palette, cfg, s, imp, update);
+        const at::Tensor want_palette = update ? lloyd_update(w, palette, cfg, s, imp) : palette;
+        EXPECT_TRUE(at::equal(step.palette(), want_palette));
+        const at::Tensor want = depalettize(palettize(w, want_palette, cfg, s));
+        EXPECT_TRUE(at::equal(step.weight(), want));
+        EXPECT_TRUE(at::equal(step.weight(), want));  // every use alike
+      }
+  DKMConfig cfg;
+  at::Tensor modified = w.clone();
+  const DeferredHardAssign later(modified, init_palette(modified, cfg), cfg);
+  modified.add_(1e-3);
+  EXPECT_THROW(later.weight(), std::logic_error);
+
+  TensorMemory::install();
+  const at::Tensor big = (at::randn({4096, 4096}) * 0.02).to(at::kBFloat16);
+  const at::Tensor p = init_palette(big, cfg);
+  const int64_t before = TensorMemory::current();
+  const DeferredHardAssign held(big, p, cfg);
+  EXPECT_LT(TensorMemory::current() - before, big.numel() * big.element_size() / 20);
 }
 
 // LSQ+ under the straight-through rounding, per element with upstream gradient G, c the

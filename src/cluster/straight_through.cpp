@@ -88,33 +88,11 @@ at::Tensor nearest_centroid(const at::Tensor& values, const at::Tensor& C, const
   return out;
 }
 
-}  // namespace
-
-at::Tensor lloyd_update(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
-                        const at::Tensor& scale, const Importance& importance) {
-  using namespace detail;
-  at::NoGradGuard no_grad;
-  const GroupLayout layout = GroupLayout::of(weight, cfg);
-  at::Tensor s = checked_scale(scale, layout, cfg, weight);
-  const at::Tensor Cc = checked_palette(palette, layout, cfg, weight);  // in the compute dtype, as palettize()'s
-  const at::Tensor C = Cc.to(at::kFloat);
-  const int64_t k = cfg.k();
-  // The points [G, M, d] (M: the distinct values, or the vectors), their weights [G, M] (counts
-  // or summed importances; per vector: importances or 1) and their nearest centroids [G, M].
-  at::Tensor x, f, nearest;
-  if (by_value(weight, layout, cfg)) {
-    const auto index = make_pattern_index(weight, layout, cfg, s);
-    x = index->values().to(at::kFloat);
-    nearest = nearest_centroid(index->values(), Cc, cfg);
-    f = importance.defined()
-            ? value_weights(*index, checked_importance(importance, layout, weight), layout, s, weight)
-            : index->counts();
-  } else {
-    x = prepare(weight.detach(), layout, cfg, s).to(at::kFloat);
-    nearest = palettize(weight, C, cfg, s).indices.to(at::kLong).view({layout.groups, layout.vectors});
-    f = importance.defined() ? checked_importance(importance, layout, weight)
-                             : at::ones({layout.groups, layout.vectors}, x.options());
-  }
+// The Lloyd step's centroids [G, k, d] (fp32): each the mean of the points x [G, M, d] nearest
+// to it, weighted by f [G, M]; a centroid that no point of positive weight is nearest keeps its
+// value in C [G, k, d] (fp32).
+at::Tensor lloyd_means(const at::Tensor& x, const at::Tensor& f, const at::Tensor& nearest, const at::Tensor& C,
+                       const detail::GroupLayout& layout, int64_t k) {
   // Slot of each point: its group's first centroid + its nearest.
   const at::Tensor slot =
       (nearest + at::arange(layout.groups, nearest.options()).unsqueeze(1) * k).view({-1});
@@ -128,6 +106,44 @@ at::Tensor lloyd_update(const at::Tensor& weight, const at::Tensor& palette, con
   return at::where(counts.unsqueeze(1) > 0, means, flat).view(C.sizes());
 }
 
+// The Lloyd step over the distinct values of a pattern index: the values' nearest centroids in
+// the checked palette Cc (compute dtype), weighted by their counts or summed importances.
+at::Tensor lloyd_by_value(const detail::ValueIndex& index, const at::Tensor& Cc, const DKMConfig& cfg,
+                          const detail::GroupLayout& layout, const at::Tensor& s, const Importance& importance,
+                          const at::Tensor& weight) {
+  using namespace detail;
+  const at::Tensor f = importance.defined()
+                           ? value_weights(index, checked_importance(importance, layout, weight), layout, s, weight)
+                           : index.counts();
+  return lloyd_means(index.values().to(at::kFloat), f, nearest_centroid(index.values(), Cc, cfg), Cc.to(at::kFloat),
+                     layout, cfg.k());
+}
+
+// The hard-assigned value of each distinct value of an index, [G, U, 1] in the index's dtype.
+at::Tensor nearest_table(const detail::ValueIndex& index, const at::Tensor& Cc, const DKMConfig& cfg) {
+  return Cc.gather(1, nearest_centroid(index.values(), Cc, cfg).unsqueeze(-1)).to(index.values().scalar_type());
+}
+
+}  // namespace
+
+at::Tensor lloyd_update(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
+                        const at::Tensor& scale, const Importance& importance) {
+  using namespace detail;
+  at::NoGradGuard no_grad;
+  const GroupLayout layout = GroupLayout::of(weight, cfg);
+  at::Tensor s = checked_scale(scale, layout, cfg, weight);
+  const at::Tensor Cc = checked_palette(palette, layout, cfg, weight);  // in the compute dtype, as palettize()'s
+  if (by_value(weight, layout, cfg))
+    return lloyd_by_value(*make_pattern_index(weight, layout, cfg, s), Cc, cfg, layout, s, importance, weight);
+  // Per vector: the prepared vectors, their importances (or 1) and their nearest centroids.
+  const at::Tensor C = Cc.to(at::kFloat);
+  const at::Tensor x = prepare(weight.detach(), layout, cfg, s).to(at::kFloat);
+  const at::Tensor nearest = palettize(weight, C, cfg, s).indices.to(at::kLong).view({layout.groups, layout.vectors});
+  const at::Tensor f = importance.defined() ? checked_importance(importance, layout, weight)
+                                            : at::ones({layout.groups, layout.vectors}, x.options());
+  return lloyd_means(x, f, nearest, C, layout, cfg.k());
+}
+
 at::Tensor hard_assign(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
                        const at::Tensor& scale) {
   using namespace detail;
@@ -137,15 +153,58 @@ at::Tensor hard_assign(const at::Tensor& weight, const at::Tensor& palette, cons
     const GroupLayout layout = GroupLayout::of(weight, cfg);
     if (by_value(weight, layout, cfg)) {
       const at::Tensor s = checked_scale(scale, layout, cfg, weight);
-      const at::Tensor C = checked_palette(palette, layout, cfg, weight);
       const auto index = make_pattern_index(weight, layout, cfg, s);
-      const at::Tensor table = C.gather(1, nearest_centroid(index->values(), C, cfg).unsqueeze(-1));
-      q = index->emit(table.to(index->values().scalar_type()));
+      q = index->emit(nearest_table(*index, checked_palette(palette, layout, cfg, weight), cfg));
     } else {
       q = depalettize(palettize(weight, palette, cfg, scale), weight.scalar_type());
     }
   }
   return straight_through(q, weight);
+}
+
+struct DeferredHardAssign::State {
+  at::Tensor weight;
+  int64_t version = 0;
+  DKMConfig cfg;
+  at::Tensor scale;
+  std::unique_ptr<detail::ValueIndex> index;  // with the pattern index
+  at::Tensor table;                           // its hard-assigned values
+};
+
+DeferredHardAssign::DeferredHardAssign(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
+                                       const at::Tensor& scale, const Importance& importance, bool update)
+    : state_(std::make_unique<State>()) {
+  using namespace detail;
+  at::NoGradGuard no_grad;
+  const GroupLayout layout = GroupLayout::of(weight, cfg);
+  State& st = *state_;
+  st.weight = weight.detach();
+  st.version = weight._version();
+  st.cfg = cfg;
+  st.scale = scale;
+  if (!by_value(weight, layout, cfg)) {
+    palette_ = update ? lloyd_update(weight, palette, cfg, scale, importance) : palette;
+    return;
+  }
+  const at::Tensor s = checked_scale(scale, layout, cfg, weight);
+  st.index = make_pattern_index(weight, layout, cfg, s);
+  palette_ = update ? lloyd_by_value(*st.index, checked_palette(palette, layout, cfg, weight), cfg, layout, s,
+                                     importance, weight)
+                    : palette;
+  st.table = nearest_table(*st.index, checked_palette(palette_, layout, cfg, weight), cfg);
+}
+
+DeferredHardAssign::~DeferredHardAssign() = default;
+DeferredHardAssign::DeferredHardAssign(DeferredHardAssign&&) noexcept = default;
+DeferredHardAssign& DeferredHardAssign::operator=(DeferredHardAssign&&) noexcept = default;
+
+at::Tensor DeferredHardAssign::weight() const {
+  const State& st = *state_;
+  if (st.weight._version() != st.version)
+    throw std::logic_error("DeferredHardAssign: the weight was modified after the Lloyd step ran on it");
+  at::NoGradGuard no_grad;
+  if (st.index) return st.index->emit(st.table);
+  return depalettize(palettize(st.weight, palette_, st.cfg, st.scale), st.weight.scalar_type());
 }
 
 LearnedGrid init_learned_grid(const at::Tensor& weight, int bits) {

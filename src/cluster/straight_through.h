@@ -15,6 +15,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <memory>
+
 #include "cluster/cluster.h"
 
 namespace edkm {
@@ -29,6 +31,33 @@ at::Tensor lloyd_update(const at::Tensor& weight, const at::Tensor& palette, con
 // gradient to `weight`.
 at::Tensor hard_assign(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
                        const at::Tensor& scale = {});
+
+// Hard k-means' part of a training step, split as DeferredDKM splits dkm(): the constructor runs
+// the Lloyd step (with `update`) and then finds the nearest centroid of each distinct value under
+// the updated palette, over one pattern index for both; weight() makes the hard-assigned weight
+// from that table, without a graph, each time a layer needs it (its forward, and its
+// recomputation when checkpointed): one pass over the weights, where hard_assign() makes three
+// (the index twice, then the emit). The gradient is straight through, so nothing is needed after
+// the backward. The layouts without a pattern index assign every weight in weight() (palettize).
+// weight() equals hard_assign(weight, palette(), cfg, scale) without its graph; the weight must
+// not change in between (std::logic_error otherwise).
+class DeferredHardAssign {
+ public:
+  DeferredHardAssign(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
+                     const at::Tensor& scale = {}, const Importance& importance = {}, bool update = true);
+  ~DeferredHardAssign();
+  DeferredHardAssign(DeferredHardAssign&&) noexcept;
+  DeferredHardAssign& operator=(DeferredHardAssign&&) noexcept;
+
+  // After the Lloyd step (lloyd_update()'s result), or the palette given without update.
+  const at::Tensor& palette() const { return palette_; }
+  at::Tensor weight() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+  at::Tensor palette_;
+};
 
 // QAT's learned grid: scale and zero point per output row ([rows] fp32 each, trainable leaves).
 struct LearnedGrid {

@@ -156,9 +156,8 @@ std::vector<at::Tensor> Clustering::trainable() const {
 
 namespace {
 
-// A straight-through baseline's weight: the hard-assigned or the fake-quantized w.
-at::Tensor straight_through(TrainMethod method, const ClusteredWeight& cw, const at::Tensor& w) {
-  if (method == TrainMethod::kHardKMeans) return hard_assign(w, cw.palette, cw.cfg, cw.scale);
+// QAT's weight: w fake-quantized on its learned grid.
+at::Tensor fake_quantized(const ClusteredWeight& cw, const at::Tensor& w) {
   return fake_quantize(w.reshape({w.size(0), -1}), cw.grid, cw.cfg.bits).view(w.sizes());
 }
 
@@ -189,13 +188,13 @@ StepWeights Clustering::step(const Llama& model, bool advance, at::ScalarType dt
   s.dtype_ = dtype;
   for (auto& cw : weights_) {
     const at::Tensor& w = model.weight(cw.name);
-    StepWeights::Entry e{&cw, std::nullopt};
+    StepWeights::Entry e{&cw, std::nullopt, std::nullopt};
     if (method_ == TrainMethod::kDKM) {
       e.dkm.emplace(w, cw.palette, cw.cfg, cw.scale, cw.importance);
       if (advance) cw.palette = e.dkm->palette();
-    } else if (advance && method_ == TrainMethod::kHardKMeans) {
-      at::NoGradGuard no_grad;
-      cw.palette = lloyd_update(w, cw.palette, cw.cfg, cw.scale, cw.importance);
+    } else if (method_ == TrainMethod::kHardKMeans) {
+      e.hard.emplace(w, cw.palette, cw.cfg, cw.scale, cw.importance, advance);
+      cw.palette = e.hard->palette();
     }
     s.entries_[cw.name] = std::move(e);
   }
@@ -204,7 +203,7 @@ StepWeights Clustering::step(const Llama& model, bool advance, at::ScalarType dt
 
 at::Tensor StepWeights::made(const Entry& e, const at::Tensor& w) const {
   at::NoGradGuard no_grad;
-  at::Tensor y = e.dkm ? e.dkm->weight() : straight_through(method_, *e.cw, w.detach());
+  at::Tensor y = e.dkm ? e.dkm->weight() : e.hard ? e.hard->weight() : fake_quantized(*e.cw, w.detach());
   return cast_to(dtype_, e.cw->name) ? y.to(dtype_) : y;
 }
 
@@ -226,7 +225,7 @@ void StepWeights::backward(Llama& model) const {
       w.mutable_grad() = e.dkm->backward(g);
     } else {
       at::AutoGradMode grad_mode(true);
-      at::Tensor y = straight_through(method_, *e.cw, w);
+      at::Tensor y = fake_quantized(*e.cw, w);
       y.backward(g.to(y.scalar_type()));
     }
   }

@@ -93,7 +93,8 @@ class StepWeights : public WeightSource {
   friend class Clustering;
   struct Entry {
     const ClusteredWeight* cw = nullptr;
-    std::optional<DeferredDKM> dkm;  // DKM only
+    std::optional<DeferredDKM> dkm;          // DKM only
+    std::optional<DeferredHardAssign> hard;  // hard k-means only
   };
   // Without a graph.
   at::Tensor made(const Entry& e, const at::Tensor& w) const;
