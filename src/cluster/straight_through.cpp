@@ -46,18 +46,27 @@ struct FakeQuantizeFunction : torch::autograd::Function<FakeQuantizeFunction> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &weight = saved[0], &scale = saved[1], &zero = saved[2];
-    const double maxq = max_level(ctx->saved_data["bits"].toInt());
+    const auto bits = static_cast<int>(ctx->saved_data["bits"].toInt());
+    FakeQuantizeGrad g = backward_of(weight, scale, zero, bits, grads[0], weight.sizes());
+    return {g.weight, g.scale, g.zero, at::Tensor()};
+  }
+
+  // weight [rows, cols] and grad alike; dL/dw is made in the shape `out` (a fresh tensor, not a
+  // view: the trainer's .grad may not be one).
+  static FakeQuantizeGrad backward_of(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero,
+                                      int bits, const at::Tensor& grad, at::IntArrayRef out) {
+    const double maxq = max_level(bits);
     const double g = 1.0 / std::sqrt(double(weight.size(1)) * maxq);
-    const at::Tensor G = grads[0].to(at::kFloat);
+    const at::Tensor G = grad.to(at::kFloat);
     const at::Tensor s = scale.clamp_min(kScaleFloor).unsqueeze(1), z = zero.unsqueeze(1);
     const at::Tensor v = weight.to(at::kFloat) / s + z;
     const at::Tensor r = at::round(v);
     const at::Tensor inside = (r >= 0).logical_and_(r <= maxq);
     const at::Tensor none = at::zeros({}, G.options());
-    const at::Tensor dw = at::where(inside, G, none).to(weight.scalar_type());
+    const at::Tensor dw = at::where(inside.view(out), G.view(out), none).to(weight.scalar_type());
     const at::Tensor ds = at::where(inside, G * (r - v), G * (r.clamp(0, maxq) - z)).sum(1).mul_(g);
     const at::Tensor dz = at::where(inside, none, -G * s).sum(1).mul_(g);
-    return {dw, at::where(scale >= kScaleFloor, ds, none), dz, at::Tensor()};
+    return {dw, at::where(scale >= kScaleFloor, ds, none), dz};
   }
 
   static double max_level(int64_t bits) { return double((int64_t(1) << bits) - 1); }
@@ -219,6 +228,14 @@ LearnedGrid init_learned_grid(const at::Tensor& weight, int bits) {
 
 at::Tensor fake_quantize(const at::Tensor& weight, const LearnedGrid& grid, int bits) {
   return FakeQuantizeFunction::apply(weight, grid.scale, grid.zero, bits);
+}
+
+FakeQuantizeGrad fake_quantize_backward(const at::Tensor& weight, const LearnedGrid& grid, int bits,
+                                        const at::Tensor& grad) {
+  at::NoGradGuard no_grad;
+  const at::Tensor w2 = weight.detach().reshape({weight.size(0), -1});
+  return FakeQuantizeFunction::backward_of(w2, grid.scale.detach(), grid.zero.detach(), bits,
+                                           grad.reshape(w2.sizes()), weight.sizes());
 }
 
 at::Tensor grid_palette(const LearnedGrid& grid, int bits) {

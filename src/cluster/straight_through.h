@@ -67,6 +67,14 @@ struct LearnedGrid {
 LearnedGrid init_learned_grid(const at::Tensor& weight, int bits);
 // w_q as above; differentiable w.r.t. weight, grid.scale and grid.zero.
 at::Tensor fake_quantize(const at::Tensor& weight, const LearnedGrid& grid, int bits);
+// fake_quantize()'s backward without its forward, for a weight [rows, ...] read as [rows, cols]:
+// from dL/dw_q (weight-shaped), dL/dw (the weight's shape and dtype), dL/ds and dL/dz ([rows]
+// fp32), as autograd through fake_quantize() gives them.
+struct FakeQuantizeGrad {
+  at::Tensor weight, scale, zero;
+};
+FakeQuantizeGrad fake_quantize_backward(const at::Tensor& weight, const LearnedGrid& grid, int bits,
+                                        const at::Tensor& grad);
 // The grid as palettes [rows, 2^b, 1] (one group per row), for palettize and the file.
 at::Tensor grid_palette(const LearnedGrid& grid, int bits);
 

@@ -224,9 +224,11 @@ void StepWeights::backward(Llama& model) const {
     if (e.dkm) {
       w.mutable_grad() = e.dkm->backward(g);
     } else {
-      at::AutoGradMode grad_mode(true);
-      at::Tensor y = fake_quantized(*e.cw, w);
-      y.backward(g.to(y.scalar_type()));
+      // QAT: fake_quantize()'s backward on the summed gradient, without running its forward again.
+      const FakeQuantizeGrad q = fake_quantize_backward(w, e.cw->grid, e.cw->cfg.bits, g);
+      w.mutable_grad() = q.weight;
+      for (auto [leaf, grad] : {std::pair{e.cw->grid.scale, q.scale}, std::pair{e.cw->grid.zero, q.zero}})
+        leaf.mutable_grad() = leaf.grad().defined() ? leaf.grad() + grad : grad;
     }
   }
 }
