@@ -69,8 +69,9 @@ struct ClusteredWeight {
 };
 
 // The clustered weights of one training step, made where the layers need them (a WeightSource
-// for Llama::forward). Clustering::step() runs DKM's iterations (or the Lloyd step) once; each
-// layer then makes its soft-clustered weights from them, in its forward and again in its
+// for Llama::forward). Clustering::step() runs DKM's iterations (or the Lloyd step and the
+// nearest centroids) once; each layer then makes its soft-clustered (hard-assigned,
+// fake-quantized) weights from them, in its forward and again in its
 // recomputation under gradient checkpointing. The gradient w.r.t. a soft weight passes
 // straight into the model weight's own .grad, where micro-batches and data-parallel learners
 // sum it as they sum any gradient; backward() then carries each sum through DKM (through the
@@ -78,7 +79,7 @@ struct ClusteredWeight {
 // gradient w.r.t. its output, so this equals backpropagating every use on its own.
 // With the pattern index (16-bit cluster dtype, scalar clustering) nothing of a clustered
 // weight's size outlives the layer that uses it: the step holds one layer's soft weights, not
-// every layer's (DeferredDKM).
+// every layer's (DeferredDKM, DeferredHardAssign).
 class StepWeights : public WeightSource {
  public:
   bool provides(const std::string& name) const override { return entries_.count(name) > 0; }
