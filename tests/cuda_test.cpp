@@ -1,4 +1,5 @@
-// The CUDA paths against the CPU ones, on the same inputs: the pattern index's kernels, DKM's
+// The CUDA paths against the CPU ones, on the same inputs: the pattern index's kernels, the
+// unique-value-space kernels, DKM's
 // forward and backward (unweighted and Fisher-weighted), a training step, perplexity, greedy
 // generation, zero-shot eval, and a single-rank NCCL group. Every test is skipped where no GPU is
 // visible (the CPU build, CI); scripts/gpu-check.sh runs them on one.
@@ -8,6 +9,7 @@
 
 #include "cluster/layout.h"
 #include "cluster/pattern_index.h"
+#include "cluster/uspace.h"
 #include "cluster/value_index.h"
 #include "dist/dist.h"
 #include "test_util.h"
@@ -87,6 +89,45 @@ TEST(Cuda, PatternIndexKernelsMatchTheGenericAtenCodeOnALayerSizedWeight) {
   ASSERT_TRUE(at::equal(fast->counts(), generic->counts()));
   const at::Tensor G = at::randn(w.sizes(), w.options());
   EXPECT_LE(test::rel_err(fast->aggregate(G), generic->aggregate(G)), 1e-9);
+}
+
+TEST(Cuda, UniqueSpaceKernelsMatchTheHostLoops) {
+  EDKM_REQUIRE_GPU();
+#ifdef EDKM_CUDA  // the kernels' own entry points exist in CUDA builds only
+  at::manual_seed(6);
+  const int64_t G = 3, U = 700;
+  const auto f64 = at::TensorOptions(at::kDouble);
+  // Bell-shaped values with multiplicities; group 2 ends in 100 padding entries of count 0, as
+  // the pattern index pads a group with fewer values.
+  at::Tensor v = at::randn({G, U, 1}, f64) * 0.02;
+  at::Tensor n = at::randint(1, 50, {G, U}, f64);
+  n[2].narrow(0, 600, 100).zero_();
+  v[2].narrow(0, 600, 100).zero_();
+  for (int bits : {3, 4})
+    for (double prune : {0.0, 1e-4}) {
+      SCOPED_TRACE(fmt::format("bits={} prune={}", bits, prune));
+      DKMConfig cfg;
+      cfg.bits = bits;
+      cfg.prune_threshold = prune;
+      const SoftKMeans p = SoftKMeans::from(cfg);
+      const at::Tensor c0 = std::get<0>(at::sort(at::randn({G, cfg.k(), 1}, f64) * 0.02, 1));
+      at::Tensor out_host, out_gpu;
+      const UniqueSpaceState host = uspace_forward_host(v, n, c0, p, &out_host);
+      const UniqueSpaceState gpu = uspace_forward(v.cuda(), n.cuda(), c0.cuda(), p, &out_gpu);
+      ASSERT_TRUE(at::equal(gpu.iters.cpu(), host.iters));
+      // The kernels lay the state out for max_iters updates; the host loops for the most made.
+      const int64_t T = host.sums.size(0);
+      EXPECT_LE(test::rel_err(gpu.palettes.narrow(0, 0, T + 1).cpu(), host.palettes), 1e-12);
+      EXPECT_LE(test::rel_err(gpu.sums.narrow(0, 0, T).cpu(), host.sums), 1e-12);
+      EXPECT_LE(test::rel_err(out_gpu.cpu(), out_host), 1e-12);
+      const at::Tensor g = at::randn({G, U, 1}, f64);
+      const UniqueSpaceGrad want = uspace_backward_host(v, n, host, g, p);
+      const UniqueSpaceGrad got = uspace_backward(v.cuda(), n.cuda(), gpu, g.cuda(), p);
+      // Sums over values in another order, through the softmax's 1 / tau: equal to rounding.
+      EXPECT_LE(test::rel_err(got.jac.cpu(), want.jac), 1e-9);
+      EXPECT_LE(test::rel_err(got.h.cpu(), want.h), 1e-9);
+    }
+#endif
 }
 
 TEST(Cuda, DkmForwardAndBackwardMatchTheCpu) {

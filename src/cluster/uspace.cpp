@@ -115,6 +115,9 @@ at::Tensor on_host(const at::Tensor& t) { return t.defined() ? t.cpu() : t; }
 
 UniqueSpaceState uspace_forward(const at::Tensor& v, const at::Tensor& n, const at::Tensor& c0,
                                 const SoftKMeans& p, at::Tensor* out, Kernels kernels) {
+#ifdef EDKM_CUDA
+  if (kernels == Kernels::kAuto && uspace_host_applies(v) && v.is_cuda()) return uspace_forward_cuda(v, n, c0, p, out);
+#endif
   if (kernels == Kernels::kAuto && uspace_host_applies(v)) {  // the copies are no-ops on the CPU
     at::Tensor host_out;
     UniqueSpaceState s = uspace_forward_host(v.cpu(), on_host(n), c0.cpu(), p, &host_out);
@@ -165,6 +168,9 @@ UniqueSpaceState uspace_forward(const at::Tensor& v, const at::Tensor& n, const 
 UniqueSpaceGrad uspace_backward(const at::Tensor& v, const at::Tensor& n,
                                 const UniqueSpaceState& state, const at::Tensor& g,
                                 const SoftKMeans& p, Kernels kernels) {
+#ifdef EDKM_CUDA
+  if (kernels == Kernels::kAuto && uspace_host_applies(v) && v.is_cuda()) return uspace_backward_cuda(v, n, state, g, p);
+#endif
   if (kernels == Kernels::kAuto && uspace_host_applies(v)) {
     UniqueSpaceGrad r = uspace_backward_host(v.cpu(), on_host(n), on_device(state, at::kCPU), g.cpu(), p);
     return {r.jac.to(v.device()), r.h.to(v.device())};

@@ -52,14 +52,25 @@ UniqueSpaceGrad uspace_backward(const at::Tensor& v, const at::Tensor& n,
 // more in dispatch than the arithmetic (BENCHMARKS.md, "Pattern index: design measurements").
 // That holds on a GPU too, where the ATen code took 1.0 to 2.1 ms per pass and matrix, a
 // launch and a host synchronisation per op or iteration over tables of a few thousand rows
-// ("edkm on NVIDIA GPUs"), against 0.3 to 0.5 ms for the host loops on 2 CPU cores: the
-// dispatchers (kAuto) copy tables on another device to the host, run the loops there, and copy
-// the results back. The dense fallback (U = N) keeps the ATen code.
+// ("edkm on NVIDIA GPUs"). For that case the dispatchers (kAuto) take, in CUDA builds, kernels
+// for CUDA tensors (uspace_cuda.cu: one block per group, the early stop decided on the device,
+// so nothing waits for the host); for tensors on other devices they copy the tables to the
+// host, run the loops there, and copy the results back. The dense fallback (U = N) keeps the
+// ATen code. The CUDA kernels lay the state out for max_iters updates ([max_iters + 1, G, k, d]
+// palettes), the others for the most updates any group made; a group's own T_g is in iters
+// either way, and past it its palette and sums repeat.
 bool uspace_host_applies(const at::Tensor& v);
 UniqueSpaceState uspace_forward_host(const at::Tensor& v, const at::Tensor& n, const at::Tensor& c0,
                                      const SoftKMeans& p, at::Tensor* out);
 UniqueSpaceGrad uspace_backward_host(const at::Tensor& v, const at::Tensor& n,
                                      const UniqueSpaceState& state, const at::Tensor& g,
                                      const SoftKMeans& p);
+#ifdef EDKM_CUDA
+UniqueSpaceState uspace_forward_cuda(const at::Tensor& v, const at::Tensor& n, const at::Tensor& c0,
+                                     const SoftKMeans& p, at::Tensor* out);
+UniqueSpaceGrad uspace_backward_cuda(const at::Tensor& v, const at::Tensor& n,
+                                     const UniqueSpaceState& state, const at::Tensor& g,
+                                     const SoftKMeans& p);
+#endif
 
 }  // namespace edkm::detail
