@@ -45,6 +45,9 @@
 namespace edkm::detail {
 namespace {
 
+// scripts/cuda-emulation runs the kernels from here to "End of the kernels" on the host, a
+// thread per CUDA thread, against the host loops.
+
 constexpr int kThreads = 256;
 // The shared-memory kernels: one block of kTileThreads per SM, since their tables fill most of it.
 constexpr int kTileThreads = 1024;
@@ -237,6 +240,8 @@ __global__ void input_grad_kernel(const W* w, const W* grad, int64_t n, RowMap m
     out[i] = static_cast<W>(mul_add_rn(jac[key], static_cast<A>(grad[i]), palette_path));
   }
 }
+
+// End of the kernels.
 
 class CudaPatternIndex final : public PatternIndex {
  public:

@@ -28,6 +28,9 @@
 namespace edkm::detail {
 namespace {
 
+// scripts/cuda-emulation runs the kernels from here to "End of the kernels" on the host, a
+// thread per CUDA thread, against the host loops.
+
 constexpr int kThreads = 256;
 constexpr int kScratch = 3;  // per value: min_j D_j, 1 / sum_j exp(Z_j), and the backward's dot
 
@@ -243,6 +246,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = threadIdx.x; j < k; j += blockDim.x) g_next[j] = acc[j] + (t == T - 1 ? g_prev[j] : 0.0);
   }
 }
+
+// End of the kernels.
 
 Params params_of(const SoftKMeans& p) {
   return {p.zero_threshold, p.prune_threshold, -1.0 / p.tau, 2.0 / p.tau, p.eps, p.max_iters};
