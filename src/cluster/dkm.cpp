@@ -188,8 +188,7 @@ struct DeferredDKM::State {
   at::Tensor soft;
 
   void check_unchanged() const {
-    if (weight._version() != version)
-      throw std::logic_error("DeferredDKM: the weight was modified after DKM ran on it");
+    detail::check_unchanged(weight, version, "DeferredDKM: the weight was modified after DKM ran on it");
   }
 };
 

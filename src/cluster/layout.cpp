@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <stdexcept>
 
 #include "common/error.h"
 
@@ -144,6 +145,10 @@ at::Tensor repair_collapsed(const at::Tensor& palette) {
     }
   }
   return out;
+}
+
+void check_unchanged(const at::Tensor& weight, int64_t version, const char* message) {
+  if (weight._version() != version) throw std::logic_error(message);
 }
 
 }  // namespace edkm::detail

@@ -53,6 +53,11 @@ at::Tensor spread_vectors(const at::Tensor& per_vector, const GroupLayout& layou
 // Throws std::invalid_argument if the tensor holds NaN or Inf (checked in bounded chunks).
 void check_finite(const at::Tensor& t, const char* what);
 
+// Throws std::logic_error(message) if `weight` was modified in place since its version counter
+// read `version`: a deferred step (DeferredDKM, DeferredHardAssign) refers to the weight it was
+// made from.
+void check_unchanged(const at::Tensor& weight, int64_t version, const char* message);
+
 // coremltools' collapse repair: while two centroids coincide, move one duplicate to the midpoint
 // between it and the next distinct centroid (wrapping around). Returns a repaired copy.
 at::Tensor repair_collapsed(const at::Tensor& palette);

@@ -128,6 +128,13 @@ at::Tensor lloyd_by_value(const detail::ValueIndex& index, const at::Tensor& Cc,
                      layout, cfg.k());
 }
 
+// The layouts without a pattern index: every weight (vector) at its nearest centroid, as the
+// export assigns it, in the weight's dtype.
+at::Tensor assign_each_weight(const at::Tensor& weight, const at::Tensor& palette, const DKMConfig& cfg,
+                              const at::Tensor& scale) {
+  return depalettize(palettize(weight, palette, cfg, scale), weight.scalar_type());
+}
+
 // The hard-assigned value of each distinct value of an index, [G, U, 1] in the index's dtype.
 at::Tensor nearest_table(const detail::ValueIndex& index, const at::Tensor& Cc, const DKMConfig& cfg) {
   return Cc.gather(1, nearest_centroid(index.values(), Cc, cfg).unsqueeze(-1)).to(index.values().scalar_type());
@@ -165,7 +172,7 @@ at::Tensor hard_assign(const at::Tensor& weight, const at::Tensor& palette, cons
       const auto index = make_pattern_index(weight, layout, cfg, s);
       q = index->emit(nearest_table(*index, checked_palette(palette, layout, cfg, weight), cfg));
     } else {
-      q = depalettize(palettize(weight, palette, cfg, scale), weight.scalar_type());
+      q = assign_each_weight(weight, palette, cfg, scale);
     }
   }
   return straight_through(q, weight);
@@ -209,11 +216,9 @@ DeferredHardAssign& DeferredHardAssign::operator=(DeferredHardAssign&&) noexcept
 
 at::Tensor DeferredHardAssign::weight() const {
   const State& st = *state_;
-  if (st.weight._version() != st.version)
-    throw std::logic_error("DeferredHardAssign: the weight was modified after the Lloyd step ran on it");
+  detail::check_unchanged(st.weight, st.version, "DeferredHardAssign: the weight was modified after the Lloyd step ran on it");
   at::NoGradGuard no_grad;
-  if (st.index) return st.index->emit(st.table);
-  return depalettize(palettize(st.weight, palette_, st.cfg, st.scale), st.weight.scalar_type());
+  return st.index ? st.index->emit(st.table) : assign_each_weight(st.weight, palette_, st.cfg, st.scale);
 }
 
 LearnedGrid init_learned_grid(const at::Tensor& weight, int bits) {
