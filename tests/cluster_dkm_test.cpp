@@ -6,9 +6,11 @@
 #include <torch/torch.h>
 
 #include <fstream>
+#include <functional>
 #include <map>
 
 #include "cluster/cluster.h"
+#include "cluster/layout.h"
 #include "cluster/straight_through.h"
 #include "common/memory.h"
 #include "test_util.h"
@@ -466,6 +468,76 @@ TEST(DKM, RejectsBadInput) {
   DKMConfig stored = cfg;
   stored.method = DKMMethod::kEDKM;
   EXPECT_THROW(dkm(w, p, stored, {}, Importance(at::ones({8, 8}), w, stored)), std::invalid_argument);
+}
+
+// coremltools' collapse repair (fake_palettize.py, FakePalettize.forward under palett_tau > 0):
+// torch.unique over a group's centroids, and for each distinct value j held more than once, the
+// first centroid equal to it moves to 0.5 * (uniq[j] + uniq[(j + 1) % n]). The expected palettes
+// below follow that rule by hand. DKM starts from the repaired palette, and the collapse is
+// found together with the argument checks (one read on a GPU), so the checks' messages are
+// tested on every call that makes them that way.
+TEST(DKM, CollapsedPalettesAreRepairedAsCoremltoolsRepairsThem) {
+  auto palette = [](std::vector<float> v, int64_t groups, int64_t d) {
+    return at::tensor(v).view({groups, -1, d});
+  };
+  // Scalars: group 0 holds 0.1 twice; group 1 its largest value twice (the midpoint wraps
+  // around to the smallest); group 2 holds 0 and -0, equal as values. The midpoints in fp32.
+  const at::Tensor scalars = palette({0.1f, 0.1f, -0.2f, 0.3f, 0.3f, 0.3f, -0.2f, 0.1f, 0.f, -0.f, 0.5f, -0.5f}, 3, 1);
+  const at::Tensor scalars_fixed = palette({0.5f * (0.1f + 0.3f), 0.1f, -0.2f, 0.3f, 0.5f * (0.3f + -0.2f), 0.3f,
+                                            -0.2f, 0.1f, 0.5f * (0.f + 0.5f), -0.f, 0.5f, -0.5f}, 3, 1);
+  // Pairs: [0.1, 0.2] twice, and [0.1, 0.3], equal to it in the first component only.
+  const at::Tensor pairs = palette({0.1f, 0.2f, 0.1f, 0.2f, 0.1f, 0.3f, -0.1f, 0.f}, 1, 2);
+  const at::Tensor pairs_fixed =
+      palette({0.5f * (0.1f + 0.1f), 0.5f * (0.2f + 0.3f), 0.1f, 0.2f, 0.1f, 0.3f, -0.1f, 0.f}, 1, 2);
+  const at::Tensor distinct_pairs = palette({0.1f, 0.2f, 0.1f, 0.3f, 0.2f, 0.2f, -0.1f, 0.f}, 1, 2);
+
+  at::manual_seed(3);
+  const at::Tensor w = at::randn({6, 8}) * 0.3;
+  DKMConfig scalar_cfg;
+  scalar_cfg.bits = 2;
+  scalar_cfg.group_size = 2;
+  DKMConfig pair_cfg;
+  pair_cfg.bits = 2;
+  pair_cfg.cluster_dim = 2;
+  pair_cfg.method = DKMMethod::kDense;
+  for (auto [p, fixed, cfg] : {std::tuple{scalars, scalars_fixed, scalar_cfg}, std::tuple{pairs, pairs_fixed, pair_cfg},
+                               std::tuple{distinct_pairs, distinct_pairs, pair_cfg}}) {
+    const auto layout = detail::GroupLayout::of(w, cfg);
+    const detail::ScaleAndPalette args = detail::checked_scale_and_palette({}, p, layout, cfg, w);
+    EXPECT_EQ(args.collapsed, !p.equal(fixed));
+    // Compared as values: -0 == 0.
+    EXPECT_TRUE(at::eq(detail::repair_collapsed(args.palette), fixed).all().item<bool>()) << p << fixed;
+    const DKMResult from_collapsed = dkm(w, p, cfg), from_fixed = dkm(w, fixed, cfg);
+    EXPECT_TRUE(from_collapsed.weight.equal(from_fixed.weight));
+    EXPECT_TRUE(from_collapsed.palette.equal(from_fixed.palette));
+  }
+
+  // The checks made with it, by each call that makes them that way.
+  DKMConfig scaled;
+  scaled.bits = 2;
+  scaled.per_row_scale = true;
+  const at::Tensor good_scale = row_scales(w), good = init_palette(w, scaled, good_scale);
+  at::Tensor nan_palette = good.clone(), inf_scale = good_scale.clone(), zero_scale = good_scale.clone();
+  nan_palette[0][1][0] = NAN;
+  inf_scale[2] = INFINITY;
+  zero_scale[4] = 0.f;
+  for (auto [scale, p, message] : {std::tuple{good_scale, nan_palette, "palette contains NaN or Inf values"},
+                                   std::tuple{inf_scale, good, "scale contains NaN or Inf values"},
+                                   std::tuple{zero_scale, good, "scale entries must be positive"}}) {
+    const std::vector<std::pair<const char*, std::function<void()>>> calls{
+        {"dkm", [&] { dkm(w, p, scaled, scale); }},
+        {"DeferredDKM", [&] { DeferredDKM(w, p, scaled, scale); }},
+        {"DeferredHardAssign", [&] { DeferredHardAssign(w, p, scaled, scale, {}, true); }},
+        {"hard_assign", [&] { hard_assign(w, p, scaled, scale); }}};
+    for (const auto& [name, call] : calls) {
+      try {
+        call();
+        ADD_FAILURE() << name << ": expected \"" << message << "\"";
+      } catch (const std::invalid_argument& e) {
+        EXPECT_STREQ(e.what(), message) << name;
+      }
+    }
+  }
 }
 
 // `edkm bench dkm --json` end to end on a shrunken layer: every method's row, in both weight

@@ -154,8 +154,9 @@ Prepared prepare(const at::Tensor& weight, const at::Tensor& palette, const DKMC
                  const at::Tensor& scale, const Importance& importance) {
   using namespace detail;
   Prepared p{GroupLayout::of(weight, cfg), {}, {}, {}, false};
-  p.scale = checked_scale(scale, p.layout, cfg, weight);
-  p.palette = repair_collapsed(checked_palette(palette, p.layout, cfg, weight));
+  const ScaleAndPalette args = checked_scale_and_palette(scale, palette, p.layout, cfg, weight);
+  p.scale = args.scale;
+  p.palette = args.collapsed ? repair_collapsed(args.palette) : args.palette;
   p.importance = checked_importance(importance, p.layout, weight);
   p.pattern = is_16bit(rounding_dtype(weight, cfg.cluster_dtype)) && p.layout.dim == 1;
   return p;

@@ -270,9 +270,9 @@ DKMResult dkm_with_stats(const at::Tensor& weight, const at::Tensor& palette, co
   if (cfg.method != DKMMethod::kEDKM) throw_invalid("dkm_with_stats: method must be edkm");
   using namespace detail;
   const GroupLayout layout = GroupLayout::of(weight, cfg);
-  at::Tensor s = checked_scale(scale, layout, cfg, weight);
-  return dkm_stored(weight, repair_collapsed(checked_palette(palette, layout, cfg, weight)), cfg, s, layout, stats,
-                    std::move(dist));
+  const ScaleAndPalette args = checked_scale_and_palette(scale, palette, layout, cfg, weight);
+  return dkm_stored(weight, args.collapsed ? repair_collapsed(args.palette) : args.palette, cfg, args.scale, layout,
+                    stats, std::move(dist));
 }
 
 }  // namespace edkm

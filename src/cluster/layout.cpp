@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "common/error.h"
 
@@ -63,8 +66,44 @@ void check_finite(const at::Tensor& t, const char* what) {
   }
 }
 
-at::Tensor checked_scale(const at::Tensor& scale, const GroupLayout& layout, const DKMConfig& cfg,
-                         const at::Tensor& weight) {
+namespace {
+
+// Conditions on a call's small tensors, each a 0-dim bool on the weight's device, read back to
+// the host together: on a GPU every read waits for all the work queued before it, and a
+// training step checks the arguments of every clustered matrix.
+class Conditions {
+ public:
+  // A condition whose falsehood is an error: std::invalid_argument(message).
+  void require(const at::Tensor& ok, std::string message) {
+    ok_.push_back(ok);
+    messages_.push_back(std::move(message));
+  }
+  // A condition that is not an error; its value is read with the requirements, at read().
+  void watch(const at::Tensor& condition) {
+    ok_.push_back(condition);
+    messages_.emplace_back();
+  }
+  // One copy to the host; throws the first unmet requirement's message. Returns the watched
+  // conditions' values in the order they were added.
+  std::vector<bool> read() const {
+    std::vector<bool> watched;
+    if (ok_.empty()) return watched;
+    const at::Tensor values = at::stack(ok_).cpu();
+    const bool* v = values.data_ptr<bool>();
+    for (size_t i = 0; i < ok_.size(); ++i) {
+      if (messages_[i].empty()) watched.push_back(v[i]);
+      else if (!v[i]) throw std::invalid_argument(messages_[i]);
+    }
+    return watched;
+  }
+
+ private:
+  std::vector<at::Tensor> ok_;
+  std::vector<std::string> messages_;  // empty for a watched condition
+};
+
+at::Tensor scale_in(const at::Tensor& scale, const GroupLayout& layout, const DKMConfig& cfg,
+                    const at::Tensor& weight, Conditions& conditions) {
   if (!cfg.per_row_scale) {
     if (scale.defined()) throw_invalid("a scale was given but per_row_scale is off");
     return {};
@@ -73,8 +112,46 @@ at::Tensor checked_scale(const at::Tensor& scale, const GroupLayout& layout, con
   if (scale.numel() != layout.rows)
     throw_invalid("scale has {} entries, expected one per output row ({})", scale.numel(), layout.rows);
   at::Tensor s = scale.reshape({layout.rows}).to(weight.device(), at::kFloat);
-  check_finite(s, "scale");
-  if (!(s > 0).all().item<bool>()) throw_invalid("scale entries must be positive");
+  conditions.require(at::isfinite(s).all(), "scale contains NaN or Inf values");
+  conditions.require((s > 0).all(), "scale entries must be positive");
+  return s;
+}
+
+at::Tensor palette_in(const at::Tensor& palette, const GroupLayout& layout, const DKMConfig& cfg,
+                      const at::Tensor& weight, Conditions& conditions) {
+  if (!palette.defined()) throw_invalid("palette is undefined (see init_palette)");
+  const std::vector<int64_t> want{layout.groups, cfg.k(), layout.dim};
+  if (palette.sizes() != at::IntArrayRef(want))
+    throw_invalid("palette has shape {}, expected [groups={}, k={}, cluster_dim={}]",
+                  c10::str(palette.sizes()), layout.groups, cfg.k(), layout.dim);
+  if (!at::isFloatingType(palette.scalar_type())) throw_invalid("palette must be floating-point");
+  const at::Tensor p = palette.detach().to(weight.device(), compute_dtype(weight));
+  conditions.require(at::isfinite(p).all(), "palette contains NaN or Inf values");
+  return p;
+}
+
+// Whether two centroids of a group coincide, compared in fp32 as coremltools compares them:
+// the group's centroids sorted lexicographically (a stable sort per component, the last
+// first), then each against the next.
+at::Tensor any_collapsed(const at::Tensor& palette) {
+  const at::Tensor c = palette.to(at::kFloat);
+  const int64_t G = c.size(0), k = c.size(1), d = c.size(2);
+  at::Tensor order = at::arange(k, c.options().dtype(at::kLong)).expand({G, k});
+  for (int64_t j = d - 1; j >= 0; --j) {
+    const at::Tensor key = c.select(2, j).gather(1, order);
+    order = order.gather(1, std::get<1>(key.sort(/*stable=*/true, /*dim=*/1)));
+  }
+  const at::Tensor sorted = c.gather(1, order.unsqueeze(-1).expand({G, k, d}));
+  return (sorted.narrow(1, 1, k - 1) == sorted.narrow(1, 0, k - 1)).all(-1).any();
+}
+
+}  // namespace
+
+at::Tensor checked_scale(const at::Tensor& scale, const GroupLayout& layout, const DKMConfig& cfg,
+                         const at::Tensor& weight) {
+  Conditions conditions;
+  at::Tensor s = scale_in(scale, layout, cfg, weight, conditions);
+  conditions.read();
   return s;
 }
 
@@ -96,14 +173,22 @@ at::Tensor spread_vectors(const at::Tensor& per_vector, const GroupLayout& layou
 
 at::Tensor checked_palette(const at::Tensor& palette, const GroupLayout& layout,
                            const DKMConfig& cfg, const at::Tensor& weight) {
-  if (!palette.defined()) throw_invalid("palette is undefined (see init_palette)");
-  const std::vector<int64_t> want{layout.groups, cfg.k(), layout.dim};
-  if (palette.sizes() != at::IntArrayRef(want))
-    throw_invalid("palette has shape {}, expected [groups={}, k={}, cluster_dim={}]",
-                  c10::str(palette.sizes()), layout.groups, cfg.k(), layout.dim);
-  if (!at::isFloatingType(palette.scalar_type())) throw_invalid("palette must be floating-point");
-  check_finite(palette, "palette");
-  return palette.detach().to(weight.device(), compute_dtype(weight));
+  Conditions conditions;
+  at::Tensor p = palette_in(palette, layout, cfg, weight, conditions);
+  conditions.read();
+  return p;
+}
+
+ScaleAndPalette checked_scale_and_palette(const at::Tensor& scale, const at::Tensor& palette,
+                                          const GroupLayout& layout, const DKMConfig& cfg,
+                                          const at::Tensor& weight) {
+  Conditions conditions;
+  ScaleAndPalette out;
+  out.scale = scale_in(scale, layout, cfg, weight, conditions);
+  out.palette = palette_in(palette, layout, cfg, weight, conditions);
+  conditions.watch(any_collapsed(out.palette));
+  out.collapsed = conditions.read().at(0);
+  return out;
 }
 
 at::Tensor prepare(const at::Tensor& weight, const GroupLayout& layout, const DKMConfig& cfg,

@@ -34,6 +34,17 @@ at::Tensor checked_scale(const at::Tensor& scale, const GroupLayout& layout, con
 at::Tensor checked_palette(const at::Tensor& palette, const GroupLayout& layout,
                            const DKMConfig& cfg, const at::Tensor& weight);
 
+// Both checks with one read back to the host (on a GPU each read waits for all the work queued
+// before it, and a training step checks the arguments of every clustered matrix), and whether
+// two centroids of a group coincide (then see repair_collapsed).
+struct ScaleAndPalette {
+  at::Tensor scale, palette;
+  bool collapsed = false;
+};
+ScaleAndPalette checked_scale_and_palette(const at::Tensor& scale, const at::Tensor& palette,
+                                          const GroupLayout& layout, const DKMConfig& cfg,
+                                          const at::Tensor& weight);
+
 // x = round_cd(w / s) as [G, vectors, d] in the compute dtype; differentiable, the rounding
 // passing gradients straight through in full precision.
 at::Tensor prepare(const at::Tensor& weight, const GroupLayout& layout, const DKMConfig& cfg,

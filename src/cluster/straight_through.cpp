@@ -168,9 +168,9 @@ at::Tensor hard_assign(const at::Tensor& weight, const at::Tensor& palette, cons
     at::NoGradGuard no_grad;
     const GroupLayout layout = GroupLayout::of(weight, cfg);
     if (by_value(weight, layout, cfg)) {
-      const at::Tensor s = checked_scale(scale, layout, cfg, weight);
-      const auto index = make_pattern_index(weight, layout, cfg, s);
-      q = index->emit(nearest_table(*index, checked_palette(palette, layout, cfg, weight), cfg));
+      const ScaleAndPalette args = checked_scale_and_palette(scale, palette, layout, cfg, weight);
+      const auto index = make_pattern_index(weight, layout, cfg, args.scale);
+      q = index->emit(nearest_table(*index, args.palette, cfg));
     } else {
       q = assign_each_weight(weight, palette, cfg, scale);
     }
@@ -202,12 +202,10 @@ DeferredHardAssign::DeferredHardAssign(const at::Tensor& weight, const at::Tenso
     palette_ = update ? lloyd_update(weight, palette, cfg, scale, importance) : palette;
     return;
   }
-  const at::Tensor s = checked_scale(scale, layout, cfg, weight);
-  st.index = make_pattern_index(weight, layout, cfg, s);
-  palette_ = update ? lloyd_by_value(*st.index, checked_palette(palette, layout, cfg, weight), cfg, layout, s,
-                                     importance, weight)
-                    : palette;
-  st.table = nearest_table(*st.index, checked_palette(palette_, layout, cfg, weight), cfg);
+  const ScaleAndPalette args = checked_scale_and_palette(scale, palette, layout, cfg, weight);
+  st.index = make_pattern_index(weight, layout, cfg, args.scale);
+  palette_ = update ? lloyd_by_value(*st.index, args.palette, cfg, layout, args.scale, importance, weight) : palette;
+  st.table = nearest_table(*st.index, update ? palette_.to(compute_dtype(weight)) : args.palette, cfg);
 }
 
 DeferredHardAssign::~DeferredHardAssign() = default;
