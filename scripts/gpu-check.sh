@@ -9,10 +9,12 @@
 # CUDA tests (CPU and GPU paths compared) and the GPU benchmarks, and writes:
 #   tests.json        GoogleTest's report of the Cuda.* tests (and remove_tree against that libtorch)
 #   bench_dkm.json    `edkm bench dkm --device cuda`: one LLaMA-7B decoder layer, 3 bits
-#   bench_dkm_fp32.json  the same with fp32 weights (training's master weights), beside:
-#   coremltools_dkm.json  coremltools' DKMPalettizer on that layer, with and without eDKM options
 #   bench_step.json   `edkm bench step --device cuda`: a fine-tuning step with DKM vs without (and
 #                     with hard k-means or QAT in DKM's place)
+#   bench_dkm_fp32.json  the layer with fp32 weights (training's master weights)
+#   coremltools_dkm.json  coremltools' DKMPalettizer on that layer: its defaults, and eDKM's options
+#                     on the GPU and offloaded to the CPU; last, with what is left of the budget,
+#                     and written row by row
 #   summary.json      each stage's exit status and seconds, and the machine
 #   gpu-check.log     everything the stages printed
 # Every stage runs under its time limit, cut to what is left of the whole budget (EDKM_GPU_BUDGET,
@@ -107,15 +109,16 @@ stage tests 180 "$build/tests/edkm_tests" --gtest_filter='Cuda.*:Robustness.Remo
 stage bench_dkm 60 sh -c "'$build/edkm' bench dkm --device cuda --reps 5 --json > '$out/bench_dkm.json'"
 # 8 of LLaMA-7B's 32 layers: 1.9B parameters, with AdamW's fp32 state well inside 141 GB.
 stage bench_step 120 sh -c "'$build/edkm' bench step --device cuda --layers 8 --json > '$out/bench_step.json'"
+stage bench_dkm_fp32 60 sh -c "'$build/edkm' bench dkm --device cuda --weights fp32 --reps 5 --json > '$out/bench_dkm_fp32.json'"
+# Last, with what is left of the budget: its rows are written as each completes.
 coremltools() {
   "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/edkm-gpu-site "$gpu"/wheels/*.whl &&
-    PYTHONPATH=/tmp/edkm-gpu-site "$python" "$root/scripts/coremltools_dkm_bench.py" --device cuda --reps 3 \
-      > "$out/coremltools_dkm.json"
+    PYTHONPATH=/tmp/edkm-gpu-site "$python" "$root/scripts/coremltools_dkm_bench.py" --device cuda --reps 2 \
+      --out "$out/coremltools_dkm.json"
 }
 export python out
 export -f coremltools
-stage coremltools 90 bash -c coremltools
-stage bench_dkm_fp32 60 sh -c "'$build/edkm' bench dkm --device cuda --weights fp32 --reps 5 --json > '$out/bench_dkm_fp32.json'"
+stage coremltools 240 bash -c coremltools
 
 machine=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
 "$python" -c 'import json,sys; print(json.dumps({"machine": sys.argv[1], "seconds": int(sys.argv[2]), "stages": json.loads(sys.argv[3])}, indent=2))' \
