@@ -1,12 +1,15 @@
 // The host loops of cluster/ against their device-generic ATen code: the passes of the 16-bit
-// pattern index (both also against a direct computation from the prepared weight), and the
-// unique-value-space iterations (whose ATen code the DKM tests check against dense autograd).
+// pattern index (both also against a direct computation from the prepared weight), the
+// unique-value-space iterations (whose ATen code the DKM tests check against dense autograd),
+// and QAT's fake quantization (whose gradients QAT.FakeQuantizeGradientsAreLsqPlus checks
+// against LSQ+'s, derived by hand).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <vector>
 #include <gtest/gtest.h>
 
+#include "cluster/fake_quantize.h"
 #include "cluster/layout.h"
 #include "cluster/tiles.h"
 #include "cluster/uspace.h"
@@ -212,6 +215,54 @@ TEST(UniqueSpace, HostLoopsMatchAtenCode) {
     EXPECT_TRUE(at::equal(out_one, out_host));
     EXPECT_TRUE(at::equal(g_one.h, gh.h));
   }
+  at::set_num_threads(threads);
+}
+
+// The backward: rows whose grids put weights inside and beyond both ends of the grid, a scale
+// below the floor (its values clamped to it, no gradient), and 301 columns, split unevenly
+// between 2 threads; then rounding ties, which at::round breaks to even.
+TEST(FakeQuantize, HostLoopsMatchAtenCode) {
+  at::manual_seed(11);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  const int64_t rows = 700, cols = 301;
+  for (at::ScalarType wdt : {at::kFloat, at::kBFloat16, at::kDouble}) {
+    for (int bits : {2, 3, 8}) {
+      SCOPED_TRACE(fmt::format("w={} bits={}", c10::toString(wdt), bits));
+      const double maxq = double((1 << bits) - 1);
+      const at::Tensor w = (at::randn({rows, cols}) * 0.05).to(wdt);
+      at::Tensor scale = at::rand({rows}) * 0.1 / maxq + 1e-4, zero = at::rand({rows}) * maxq;
+      scale[3] = 0;
+      scale[5] = 1e-9;
+      const at::Tensor grad = at::randn({rows, cols});
+      const FakeQuantizePasses& host = fake_quantize_passes(w);
+      const FakeQuantizePasses& aten = fake_quantize_passes(w, Kernels::kGeneric);
+      ASSERT_NE(&host, &aten);
+      // Both clamps are reached.
+      const at::Tensor level = at::round(w.to(at::kFloat) / scale.clamp_min(kScaleFloor).unsqueeze(1) + zero.unsqueeze(1));
+      EXPECT_TRUE((level < 0).any().item<bool>());
+      EXPECT_TRUE((level > maxq).any().item<bool>());
+
+      const FakeQuantizeRowGrads bh = host.backward(w, scale, zero, maxq, grad, w.sizes());
+      const FakeQuantizeRowGrads ba = aten.backward(w, scale, zero, maxq, grad, w.sizes());
+      EXPECT_TRUE(bh.weight.equal(ba.weight));
+      for (auto [h, a] : {std::pair{bh.scale, ba.scale}, std::pair{bh.zero, ba.zero}}) {
+        // The sums' order differs: within fp32 rounding of each row's sum of magnitudes.
+        const at::Tensor bound = grad.abs().sum(1) * (maxq + 1) * 1e-6;
+        EXPECT_TRUE(((h - a).abs() <= bound).all().item<bool>()) << (h - a).abs().max();
+      }
+      EXPECT_EQ(bh.scale[3].item<float>(), 0.f);
+      EXPECT_EQ(bh.scale[5].item<float>(), 0.f);
+      EXPECT_NE(bh.zero[3].item<float>(), 0.f);
+    }
+  }
+  // w / s + z = 0.5, 1.5, ..., 6.5 exactly, inside the 3-bit grid: ds sums g (round(v) - v),
+  // -0.5 for each tie rounded down (0.5, 2.5, 4.5, 6.5 to even) and +0.5 for each rounded up
+  // (1.5, 3.5, 5.5): -0.5 (rounding half away from zero would give +3.5).
+  const at::Tensor w = (at::arange(7, at::kFloat) * 0.5 + 0.25).view({1, 7});
+  const at::Tensor scale = at::full({1}, 0.5f), zero = at::zeros({1}), grad = at::ones({1, 7});
+  for (const FakeQuantizePasses* p : {&fake_quantize_passes(w), &fake_quantize_passes(w, Kernels::kGeneric)})
+    EXPECT_EQ(p->backward(w, scale, zero, 7, grad, w.sizes()).scale.item<float>(), -0.5f);
   at::set_num_threads(threads);
 }
 

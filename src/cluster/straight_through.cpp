@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "cluster/fake_quantize.h"
 #include "cluster/layout.h"
 #include "cluster/value_index.h"
 #include "cluster/uniform_grid.h"
@@ -17,9 +18,6 @@ namespace {
 
 // y in the forward pass exactly (x - x is exactly 0), with x's gradient in the backward.
 at::Tensor straight_through(const at::Tensor& y, const at::Tensor& x) { return y.detach() + (x - x.detach()); }
-
-// A scale trained to 0 or below would divide by zero: it is held at this floor.
-constexpr double kScaleFloor = 1e-8;
 
 // LSQ+ fake quantization (Bhalgat et al. 2020) as one autograd node. Autograd through the
 // expression s (clamp(round(w / s + z), 0, 2^b - 1) - z) would save several weight-sized
@@ -37,9 +35,7 @@ struct FakeQuantizeFunction : torch::autograd::Function<FakeQuantizeFunction> {
                             const at::Tensor& scale, const at::Tensor& zero, int64_t bits) {
     ctx->save_for_backward({weight, scale, zero});
     ctx->saved_data["bits"] = bits;
-    const at::Tensor s = scale.clamp_min(kScaleFloor).unsqueeze(1), z = zero.unsqueeze(1);
-    const at::Tensor q = at::round(weight.to(at::kFloat) / s + z).clamp_(0, max_level(bits));
-    return (s * (q - z)).to(weight.scalar_type());
+    return detail::fake_quantize_passes(weight).forward(weight, scale, zero, max_level(bits));
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -57,16 +53,8 @@ struct FakeQuantizeFunction : torch::autograd::Function<FakeQuantizeFunction> {
                                       int bits, const at::Tensor& grad, at::IntArrayRef out) {
     const double maxq = max_level(bits);
     const double g = 1.0 / std::sqrt(double(weight.size(1)) * maxq);
-    const at::Tensor G = grad.to(at::kFloat);
-    const at::Tensor s = scale.clamp_min(kScaleFloor).unsqueeze(1), z = zero.unsqueeze(1);
-    const at::Tensor v = weight.to(at::kFloat) / s + z;
-    const at::Tensor r = at::round(v);
-    const at::Tensor inside = (r >= 0).logical_and_(r <= maxq);
-    const at::Tensor none = at::zeros({}, G.options());
-    const at::Tensor dw = at::where(inside.view(out), G.view(out), none).to(weight.scalar_type());
-    const at::Tensor ds = at::where(inside, G * (r - v), G * (r.clamp(0, maxq) - z)).sum(1).mul_(g);
-    const at::Tensor dz = at::where(inside, none, -G * s).sum(1).mul_(g);
-    return {dw, at::where(scale >= kScaleFloor, ds, none), dz};
+    detail::FakeQuantizeRowGrads r = detail::fake_quantize_passes(weight).backward(weight, scale, zero, maxq, grad, out);
+    return {r.weight, r.scale.mul_(g), r.zero.mul_(g)};
   }
 
   static double max_level(int64_t bits) { return double((int64_t(1) << bits) - 1); }
@@ -245,7 +233,7 @@ at::Tensor grid_palette(const LearnedGrid& grid, int bits) {
   at::NoGradGuard no_grad;
   const int64_t k = int64_t(1) << bits;
   at::Tensor j = at::arange(k, grid.scale.options().dtype(at::kFloat));
-  at::Tensor s = grid.scale.detach().clamp_min(kScaleFloor).unsqueeze(1);
+  at::Tensor s = grid.scale.detach().clamp_min(detail::kScaleFloor).unsqueeze(1);
   return (s * (j.unsqueeze(0) - grid.zero.detach().unsqueeze(1))).unsqueeze(2);
 }
 
