@@ -1,12 +1,13 @@
 // The CUDA paths against the CPU ones, on the same inputs: the pattern index's kernels, the
-// unique-value-space kernels, DKM's
-// forward and backward (unweighted and Fisher-weighted), a training step, perplexity, greedy
-// generation, zero-shot eval, and a single-rank NCCL group. Every test is skipped where no GPU is
+// unique-value-space kernels, QAT's fake-quantization kernels, DKM's forward and backward
+// (unweighted and Fisher-weighted), a training step, perplexity, greedy generation, zero-shot
+// eval, and a single-rank NCCL group. Every test is skipped where no GPU is
 // visible (the CPU build, CI); scripts/gpu-check.sh runs them on one.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "cluster/fake_quantize.h"
 #include "cluster/layout.h"
 #include "cluster/pattern_index.h"
 #include "cluster/uspace.h"
@@ -128,6 +129,33 @@ TEST(Cuda, UniqueSpaceKernelsMatchTheHostLoops) {
       EXPECT_LE(test::rel_err(got.h.cpu(), want.h), 1e-9);
     }
 #endif
+}
+
+// fp32 arithmetic in the same order on both sides (fake_quantize_element.h): w_q and dL/dw
+// bit for bit; the row sums in fp64 in another order, rounded to fp32.
+TEST(Cuda, FakeQuantizeKernelsMatchTheHostLoop) {
+  EDKM_REQUIRE_GPU();
+  at::manual_seed(8);
+  const int64_t rows = 300, cols = 4100;
+  for (at::ScalarType wdt : {at::kFloat, at::kBFloat16}) {
+    for (int bits : {2, 3, 8}) {
+      SCOPED_TRACE(fmt::format("w={} bits={}", c10::toString(wdt), bits));
+      const double maxq = double((1 << bits) - 1);
+      const at::Tensor w = (at::randn({rows, cols}) * 0.05).to(wdt);
+      at::Tensor scale = at::rand({rows}) * 0.1 / maxq + 1e-4, zero = at::rand({rows}) * maxq;
+      scale[3] = 0;
+      const at::Tensor grad = at::randn({rows, cols});
+      const FakeQuantizePasses& cpu = fake_quantize_passes(w);
+      const FakeQuantizePasses& gpu = fake_quantize_passes(w.cuda());
+      ASSERT_NE(&cpu, &gpu);
+      EXPECT_TRUE(gpu.forward(w.cuda(), scale.cuda(), zero.cuda(), maxq).cpu().equal(cpu.forward(w, scale, zero, maxq)));
+      const FakeQuantizeRowGrads want = cpu.backward(w, scale, zero, maxq, grad, w.sizes());
+      const FakeQuantizeRowGrads got = gpu.backward(w.cuda(), scale.cuda(), zero.cuda(), maxq, grad.cuda(), w.sizes());
+      EXPECT_TRUE(got.weight.cpu().equal(want.weight));
+      EXPECT_LE(test::rel_err(got.scale.cpu(), want.scale), 1e-6);
+      EXPECT_LE(test::rel_err(got.zero.cpu(), want.zero), 1e-6);
+    }
+  }
 }
 
 TEST(Cuda, DkmForwardAndBackwardMatchTheCpu) {

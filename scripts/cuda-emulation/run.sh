@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Checks the logic of edkm's CUDA kernels where no GPU is at hand: the kernels of
-# src/cluster/pattern_index_cuda.cu and src/cluster/uspace_cuda.cu (the part of each file between
-# its "scripts/cuda-emulation" and "End of the kernels" comments) compiled as host C++ over
-# emu.h, a thread per CUDA thread, and compared with sequential loops and the host backends.
+# src/cluster/pattern_index_cuda.cu, uspace_cuda.cu and fake_quantize_cuda.cu (the part of each
+# file between its "scripts/cuda-emulation" and "End of the kernels" comments) compiled as host
+# C++ over emu.h, a thread per CUDA thread, and compared with sequential loops and the host
+# backends.
 # It shows wrong indices, races and missing barriers; not timing, memory limits or the CUDA
 # compiler's arithmetic. Needs the default build (build/, for libtorch and the host loops).
 #
@@ -29,10 +30,11 @@ PY
 }
 extract "$root/src/cluster/pattern_index_cuda.cu" "$work/pattern_index_kernels.inc"
 extract "$root/src/cluster/uspace_cuda.cu" "$work/uspace_kernels.inc"
+extract "$root/src/cluster/fake_quantize_cuda.cu" "$work/fake_quantize_kernels.inc"
 torch=/usr/lib/x86_64-linux-gnu  # Debian's libtorch-dev, the default build's
 [ -e "$torch/libtorch.so" ] || { echo "cuda-emulation: Debian's libtorch ($torch/libtorch.so) is missing: install libtorch-dev" >&2; exit 1; }
 status=0
-for check in pattern_index_check uspace_check; do
+for check in pattern_index_check uspace_check fake_quantize_check; do
   c++ -std=c++17 -O2 -ffp-contract=off -fopenmp -D_GLIBCXX_USE_CXX11_ABI=1 -I"$root/src" -I"$here" -I"$work" \
     -isystem /usr/include/torch/csrc/api/include "$here/$check.cpp" -o "$work/$check" \
     "$build/libedkm_cluster.a" "$build/libedkm_dist.a" "$build/libedkm_common.a" \

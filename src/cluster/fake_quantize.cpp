@@ -1,4 +1,5 @@
 #include "cluster/fake_quantize.h"
+#include "cluster/fake_quantize_element.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -30,16 +31,6 @@ FakeQuantizeRowGrads aten_backward(const at::Tensor& weight, const at::Tensor& s
   return {dw, at::where(scale >= kScaleFloor, ds, none), dz};
 }
 
-// round(v), ties to even, as at::round: below 2^22 in magnitude, adding and subtracting 1.5 * 2^23
-// leaves v's nearest integer (the sum lies where fp32's spacing is 1, and the default rounding
-// mode breaks ties to even); larger magnitudes are beyond every grid (at most 2^8 levels), where
-// v itself clamps as its rounding would. A call of nearbyintf per weight cost more than the rest
-// of the pass.
-inline float round_even(float v) {
-  constexpr float kMagic = 12582912.f;  // 1.5 * 2^23
-  return std::fabs(v) < 4194304.f ? (v + kMagic) - kMagic : v;
-}
-
 // Rows per task: about 64K weights.
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, cols)); }
 
@@ -65,16 +56,10 @@ FakeQuantizeRowGrads host_backward(const at::Tensor& weight, const at::Tensor& s
         // Each term in fp32 as the ATen code makes it; the sums in fp64.
         double s_sum = 0, z_sum = 0;
         for (int64_t c = 0; c < cols; ++c) {
-          const float v = static_cast<float>(wr[c]) / s + z;
-          const float q = round_even(v);
-          if (q >= 0.f && q <= top) {
-            d[c] = static_cast<scalar_t>(g[c]);
-            s_sum += g[c] * (q - v);
-          } else {
-            d[c] = static_cast<scalar_t>(0.f);
-            s_sum += g[c] * (std::min(std::max(q, 0.f), top) - z);
-            z_sum += -g[c] * s;
-          }
+          const FakeQuantizeTerms t = fake_quantize_terms(static_cast<float>(wr[c]), s, z, top, g[c]);
+          d[c] = static_cast<scalar_t>(t.dw);
+          s_sum += t.ds;
+          z_sum += t.dz;
         }
         dsp[r] = sp[r] >= floor ? static_cast<float>(s_sum) : 0.f;
         dzp[r] = static_cast<float>(z_sum);
@@ -92,7 +77,12 @@ constexpr FakeQuantizePasses kHost{aten_forward, host_backward};
 }  // namespace
 
 const FakeQuantizePasses& fake_quantize_passes(const at::Tensor& weight, Kernels kernels) {
-  return kernels == Kernels::kAuto && weight.device().is_cpu() ? kHost : kAten;
+  if (kernels == Kernels::kAuto && weight.device().is_cpu()) return kHost;
+#ifdef EDKM_CUDA
+  static constexpr FakeQuantizePasses kCuda{fake_quantize_forward_cuda, fake_quantize_backward_cuda};
+  if (kernels == Kernels::kAuto && weight.device().is_cuda()) return kCuda;
+#endif
+  return kAten;
 }
 
 }  // namespace edkm::detail

@@ -7,12 +7,14 @@
 //
 // The arithmetic is fp32, in the order of the expressions above, so that both implementations
 // give the same w_q and dL/dw bit for bit; the row sums differ in their order of summation.
-// Two implementations, chosen once per call of fake_quantize_passes():
+// The implementations, chosen once per call of fake_quantize_passes():
 //   host  for CPU tensors: the backward as one parallel loop over the rows, which reads the
 //         weight and dL/dw_q once and writes dL/dw (the ATen code makes about 15 passes, each
 //         with a weight-sized temporary); the forward is the ATen code's, whose few passes run
 //         in libtorch's vectorized kernels;
+//   CUDA  both passes as kernels, one block per row (fake_quantize_cuda.cu), in CUDA builds;
 //   ATen  the expressions as ATen ops, for tensors on any device.
+// The host loop and the kernels share each weight's arithmetic (fake_quantize_element.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -36,7 +38,17 @@ struct FakeQuantizePasses {
                                    double maxq, const at::Tensor& grad, at::IntArrayRef out);
 };
 
-// kAuto: the host loops for CPU tensors, the ATen code elsewhere; kGeneric: the ATen code.
+// kAuto: the host loop for CPU tensors, the CUDA kernels for CUDA tensors in CUDA builds, the
+// ATen code elsewhere; kGeneric: the ATen code.
 const FakeQuantizePasses& fake_quantize_passes(const at::Tensor& weight, Kernels kernels = Kernels::kAuto);
+
+#ifdef EDKM_CUDA
+// fake_quantize_cuda.cu: one kernel per pass, one block per row.
+at::Tensor fake_quantize_forward_cuda(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero,
+                                      double maxq);
+FakeQuantizeRowGrads fake_quantize_backward_cuda(const at::Tensor& weight, const at::Tensor& scale,
+                                                 const at::Tensor& zero, double maxq, const at::Tensor& grad,
+                                                 at::IntArrayRef out);
+#endif
 
 }  // namespace edkm::detail
