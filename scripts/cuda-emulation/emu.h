@@ -1,9 +1,9 @@
 // A host emulation of the CUDA features edkm's kernels use, for checking their logic where no GPU
 // is at hand (run.sh). Every CUDA thread of a block is an OS thread; blocks run one after another;
 // __syncthreads and __syncwarp are barriers of the block's and the warp's threads; atomics are
-// compare-and-swap loops; __match_any_sync exchanges the lanes' values through a warp barrier. What it cannot
-// show: timing, memory limits, and anything that depends on warps running in lockstep, which the
-// kernels do not assume. C++17.
+// compare-and-swap loops; __match_any_sync and __shfl_down_sync exchange the lanes' values through
+// a warp barrier. What it cannot show: timing, memory limits, and anything that depends on warps
+// running in lockstep, which the kernels do not assume. C++17.
 #pragma once
 
 #include <cmath>
@@ -90,6 +90,19 @@ inline unsigned __match_any_sync(unsigned, unsigned long long value) {
     if (values[l] == value) mask |= 1u << l;
   __syncwarp();
   return mask;
+}
+
+// The value of lane + delta of the calling thread's warp (its own where that is past the warp),
+// exchanged through a warp barrier; all 32 lanes take part.
+inline double __shfl_down_sync(unsigned, double value, unsigned delta) {
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  unsigned long long* values = emu::block->lane_values.data() + warp * 32;
+  __builtin_memcpy(&values[lane], &value, sizeof value);
+  __syncwarp();
+  double out = value;
+  if (lane + delta < 32) __builtin_memcpy(&out, &values[lane + delta], sizeof out);
+  __syncwarp();
+  return out;
 }
 
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }

@@ -1,7 +1,8 @@
 // The DKM iterations in unique-value space on a GPU (uspace.h), built only in CUDA builds: the
 // forward and the backward of uspace_host.cpp, one block per group, every iteration inside the
 // kernel. The math and notation are uspace.cpp's; the order of the operations per value is the
-// host loops', the order of the sums over values is not (atomics), so results agree to rounding.
+// host loops', the order of the sums over values is not (per warp, then atomics), so results
+// agree to rounding.
 //
 // Why kernels: the generic ATen code launched dozens of small kernels and synchronised with the
 // host once per iteration (the early stop), 1.0 to 2.1 ms per pass and matrix on an H200; the
@@ -70,6 +71,20 @@ __device__ __forceinline__ double softmax_clamp_grad(double P, double up, double
   return P * ((P < p.z ? 0.0 : up) - dot) * p.neg_inv_tau;
 }
 
+// The sum over the 32 lanes of a warp, in lane 0 (every lane must call it). The blocks' sums over
+// values then take one shared-memory atomic per warp: one per thread put all of a block's threads
+// on the same k addresses, serialised.
+__device__ __forceinline__ double warp_sum(double x) {
+  for (unsigned offset = 16; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// atomicAdd(to, the block's sum of x): called by every thread of the block.
+__device__ __forceinline__ void block_add(double* to, double x) {
+  x = warp_sum(x);
+  if (threadIdx.x % 32 == 0) atomicAdd(to, x);
+}
+
 struct Values {
   const double* v;  // [G, U]
   const double* n;  // [G, U], or null: all 1
@@ -104,7 +119,7 @@ __global__ void __launch_bounds__(kThreads)
       scratch[(base + u) * kScratch + 1] = sm.inv;
       part += sm.m * vs.count(base + u);
     }
-    atomicAdd(inertia, part);
+    block_add(inertia, part);
     for (int j = 0; j < k; ++j) {
       double s = 0, m = 0;
       for (int64_t u = threadIdx.x; u < U; u += blockDim.x) {
@@ -114,8 +129,8 @@ __global__ void __launch_bounds__(kThreads)
         s += a;
         m += a * vu;
       }
-      atomicAdd(S + j, s);
-      atomicAdd(M + j, m);
+      block_add(S + j, s);
+      block_add(M + j, m);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -195,8 +210,8 @@ __global__ void __launch_bounds__(kThreads)
       fin += fmax(P, p.z) * gu;
       prev += -2 * softmax_clamp_grad(P, Cn[j] * gu, sc[2], p) * (vu - Ct[j]);
     }
-    atomicAdd(acc + j, fin);
-    atomicAdd(acc2 + j, prev);
+    block_add(acc + j, fin);
+    block_add(acc2 + j, prev);
   }
   __syncthreads();
   for (int j = threadIdx.x; j < k; j += blockDim.x) {
@@ -240,7 +255,7 @@ __global__ void __launch_bounds__(kThreads)
         const double P = Softmax{sc[0], sc[1]}.prob(vu, Ct[j], j, p);
         cur += -2 * (softmax_clamp_grad(P, gM[j] * vu + gS[j], sc[2], p) * vs.count(base + u)) * (vu - Ct[j]);
       }
-      atomicAdd(acc + j, cur);
+      block_add(acc + j, cur);
     }
     __syncthreads();
     for (int j = threadIdx.x; j < k; j += blockDim.x) g_next[j] = acc[j] + (t == T - 1 ? g_prev[j] : 0.0);
