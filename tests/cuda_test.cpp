@@ -140,11 +140,9 @@ TEST(Cuda, FakeQuantizeKernelsMatchTheHostLoop) {
   for (at::ScalarType wdt : {at::kFloat, at::kBFloat16}) {
     for (int bits : {2, 3, 8}) {
       SCOPED_TRACE(fmt::format("w={} bits={}", c10::toString(wdt), bits));
-      const double maxq = double((1 << bits) - 1);
-      const at::Tensor w = (at::randn({rows, cols}) * 0.05).to(wdt);
-      at::Tensor scale = at::rand({rows}) * 0.1 / maxq + 1e-4, zero = at::rand({rows}) * maxq;
-      scale[3] = 0;
-      const at::Tensor grad = at::randn({rows, cols});
+      const test::FakeQuantizeCase c = test::fake_quantize_case(rows, cols, wdt, bits);
+      const at::Tensor &w = c.weight, &scale = c.scale, &zero = c.zero, &grad = c.grad;
+      const double maxq = c.maxq;
       const FakeQuantizePasses& cpu = fake_quantize_passes(w);
       const FakeQuantizePasses& gpu = fake_quantize_passes(w.cuda());
       ASSERT_NE(&cpu, &gpu);

@@ -57,4 +57,23 @@ inline double rel_err(const at::Tensor& a, const at::Tensor& b) {
   return den == 0 ? num : num / den;
 }
 
+// Inputs of QAT's fake quantization: a weight [rows, cols] N(0, 0.05) in `dtype`, grids per row
+// at `bits` (scales around 0.1 / (2^bits - 1), zero points across the grid) that put weights
+// inside and beyond both ends of it, row 3's scale 0 (below the floor: no gradient), and an
+// upstream gradient [rows, cols] fp32.
+struct FakeQuantizeCase {
+  at::Tensor weight, scale, zero, grad;
+  double maxq;
+};
+inline FakeQuantizeCase fake_quantize_case(int64_t rows, int64_t cols, at::ScalarType dtype, int bits) {
+  FakeQuantizeCase c;
+  c.maxq = double((1 << bits) - 1);
+  c.weight = (at::randn({rows, cols}) * 0.05).to(dtype);
+  c.scale = at::rand({rows}) * 0.1 / c.maxq + 1e-4;
+  c.zero = at::rand({rows}) * c.maxq;
+  c.scale[3] = 0;
+  c.grad = at::randn({rows, cols});
+  return c;
+}
+
 }  // namespace edkm::test

@@ -4,6 +4,7 @@
 // weights, bf16 and fp16 rounding, per-row scales, 1 to 16 groups, a bell-shaped and a pruned
 // weight (all-zero rows). Exit status 1 on a mismatch.
 #include "emu.h"
+#include "check.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
@@ -26,10 +27,6 @@ namespace em = edkm::detail::emulated;
 // Threads per emulated block: fewer than the kernels launch with on a GPU (their loops stride by
 // blockDim, so any multiple of 32 runs the same code), since each is an OS thread.
 constexpr unsigned kBlock = 64;
-
-static double rel(const at::Tensor& a, const at::Tensor& b) {
-  return ((a - b).norm() / b.norm().clamp_min(1e-300)).item<double>();
-}
 
 template <typename W, typename R>
 bool check(const at::Tensor& w_in, int64_t rows_per_group, bool scaled, unsigned sms) {

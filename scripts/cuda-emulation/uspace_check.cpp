@@ -2,6 +2,7 @@
 // (uspace_forward_host, uspace_backward_host): per-group early stops, pruning, k = 8 and 16,
 // groups of different spreads, padding values of count 0. Exit status 1 on a mismatch.
 #include "emu.h"
+#include "check.h"
 
 #include <ATen/ATen.h>
 
@@ -22,10 +23,6 @@ using namespace edkm::detail;
 // Threads per emulated block: fewer than the kernels launch with on a GPU (their loops stride by
 // blockDim, so any multiple of 32 runs the same code), since each is an OS thread.
 constexpr unsigned kBlock = 64;
-
-static double rel(const at::Tensor& a, const at::Tensor& b) {
-  return ((a - b).norm() / b.norm().clamp_min(1e-300)).item<double>();
-}
 
 static std::string iters_text(const at::Tensor& iters) {
   std::string s;

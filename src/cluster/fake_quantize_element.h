@@ -3,11 +3,7 @@
 // the same fp32 operations in the same order as the ATen code. Header-only.
 #pragma once
 
-#ifdef __CUDACC__
-#define EDKM_HOST_DEVICE __host__ __device__
-#else
-#define EDKM_HOST_DEVICE
-#endif
+#include "cluster/host_device.h"
 
 namespace edkm::detail {
 

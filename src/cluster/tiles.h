@@ -8,11 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define EDKM_HOST_DEVICE __host__ __device__
-#else
-#define EDKM_HOST_DEVICE
-#endif
+#include "cluster/host_device.h"
 
 namespace edkm::detail {
 
